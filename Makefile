@@ -1,0 +1,43 @@
+# Two commands: `make run` (install + whole pipeline via dvc repro) and `make test`.
+# A GPU user overrides the torch build, e.g.:
+#   make run TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test ui serve prefect-server clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; run with PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+# The whole pipeline. PIPELINE_RUN_KEY groups the stages' MLflow runs under one parent run.
+run: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" PIPELINE_RUN_KEY=run-$$(date +%Y%m%d-%H%M%S) $(BIN)/dvc repro
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# MLflow UI over the project's store: http://127.0.0.1:5000
+ui: install
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow/mlflow.db --artifacts-destination mlflow/artifacts \
+		--host 127.0.0.1 --port 5000
+
+# Local Prefect server (UI on http://127.0.0.1:4200) plus the scheduled deployment (PIPELINE_CRON).
+serve: install
+	@mkdir -p .prefect
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200 > .prefect/server.log 2>&1 & \
+	server=$$!; trap "kill $$server" EXIT INT TERM; \
+	for i in $$(seq 60); do curl -sf http://127.0.0.1:4200/api/health >/dev/null && break; sleep 1; done; \
+	PATH="$(CURDIR)/$(BIN):$$PATH" PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/python -m flows.deploy
+
+clean:
+	rm -rf $(VENV) .pytest_cache

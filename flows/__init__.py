@@ -1,0 +1,1 @@
+"""Prefect orchestration of the DVC pipeline (no training logic here; see flows.pipeline_flow)."""

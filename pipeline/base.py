@@ -1,0 +1,116 @@
+"""Stage `base`: the model every later stage starts from.
+
+`base.model: builtin-tiny` builds the offline default: a byte-level BPE tokenizer trained on the
+shipped text (Hangul included, via bytes), a Llama-3-style chat template whose assistant turns carry
+`{% generation %}` markers, and a small random-init Llama causal LM from a config and a fixed seed,
+saved as an ordinary Hugging Face directory (safetensors). Any other value (a hub id or a local
+directory) is not copied: the stage writes a `model_ref.json` pointing at it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.config import BUILTIN_TINY, TinyModelParams, load_params
+from pipeline.data import mcq_messages, read_jsonl, read_lines
+from pipeline.modeling import write_model_ref
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|pad|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
+
+# Llama 3 layout (as in the seed documents), with generation markers for assistant-only loss.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% generation %}{{ message['content'] }}{{ '<|eot_id|>' }}{% endgeneration %}"
+    "{% else %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits stand alone (as in Llama 3 / Qwen tokenizers): "정답은 3번" and the answer "3" share one
+    # token, so answering is copying, which a small model learns quickly.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: any UTF-8 text encodes
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+    )
+
+
+def build_tiny_model(tokenizer, tiny: TinyModelParams, seed: int):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def build_tiny_base(texts: list[str], tiny: TinyModelParams, seed: int, out_dir: Path) -> None:
+    """Train the tokenizer, init the model and save both, atomically, to out_dir."""
+    tokenizer = train_tokenizer(texts, tiny.vocab_size)
+    model = build_tiny_model(tokenizer, tiny, seed)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(tmp, out_dir)
+
+
+def main() -> None:
+    params = load_params()
+    out_dir = Path(params.base.out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if params.base.model != BUILTIN_TINY:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        write_model_ref(out_dir, params.base.model, params.base.revision)
+        print(f"base: {params.base.model} (referenced, not copied)")
+        return
+    # The tokenizer learns from the shipped text: the rendered training chats and the domain corpus.
+    texts = ["\n".join(m["content"] for m in mcq_messages(item, params.task)) for item in read_jsonl(params.data.train)]
+    texts += read_lines(params.data.domain_corpus)
+    build_tiny_base(texts, params.base.tiny, params.seed, out_dir)
+    print(f"base: built-in tiny Llama written to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Typed params: `params.yaml` is validated here before any data or model is touched.
+
+An unknown key, a wrong type or an invalid combination is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUILTIN_TINY = "builtin-tiny"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DataParams(Strict):
+    train: str
+    eval: str
+    domain_corpus: str
+    domain_eval: str
+    general_eval: str
+
+
+class SampleDataParams(Strict):
+    out_dir: str = "data/sample"
+    n_train: int = Field(ge=1)
+    n_eval: int = Field(ge=1)
+    n_domain_lines: int = Field(ge=1)
+    n_heldout_lines: int = Field(ge=1)
+    type_mix: dict[Literal["explicit", "ordinal", "lookup"], float]
+
+    @model_validator(mode="after")
+    def _mix_sums_to_one(self):
+        if abs(sum(self.type_mix.values()) - 1.0) > 1e-6:
+            raise ValueError(f"sample_data.type_mix must sum to 1, got {sum(self.type_mix.values())}")
+        return self
+
+
+class TaskParams(Strict):
+    system_prompt: str
+    user_template: str
+    num_choices: int = Field(ge=2, le=10)
+
+    @model_validator(mode="after")
+    def _template_fields(self):
+        for field in ("{passage}", "{question}", "{choices}"):
+            if field not in self.user_template:
+                raise ValueError(f"task.user_template must contain {field}")
+        return self
+
+
+class TinyModelParams(Strict):
+    hidden_size: int = Field(ge=16)
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    intermediate_size: int = Field(ge=16)
+    vocab_size: int = Field(ge=300)
+    max_position_embeddings: int = Field(ge=64)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError("base.tiny.hidden_size must be divisible by base.tiny.num_heads")
+        return self
+
+
+class BaseParams(Strict):
+    model: str  # "builtin-tiny", a Hugging Face id or a local model directory
+    revision: str | None = None
+    out_dir: str = "models/base"
+    tiny: TinyModelParams
+
+
+class DaptParams(Strict):
+    enabled: bool
+    method: Literal["full", "lora"]
+    tapt: bool
+    out_dir: str = "models/dapt"
+    max_steps: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    block_size: int = Field(ge=8)
+    lora_r: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+
+
+class LoraParams(Strict):
+    r: int = Field(ge=1)
+    alpha: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"]
+
+
+class SftParams(Strict):
+    out_dir: str = "models/adapter"
+    quantization: Literal["nf4", "fp4", "int8", "none"]
+    double_quant: bool
+    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    lora: LoraParams
+    max_steps: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(ge=1)
+    max_length: int = Field(ge=16)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"]
+    gradient_checkpointing: bool
+    logging_steps: int = Field(ge=1)
+
+
+class EvaluateParams(Strict):
+    batch_size: int = Field(ge=1)
+    max_eval_items: int | None = Field(default=None, ge=1)
+    ppl_block_size: int = Field(ge=8)
+
+
+class RegisterParams(Strict):
+    model_name: str = Field(min_length=1)
+    gate_metric: str
+    min_improvement: float = Field(ge=0)
+
+
+class MlflowParams(Strict):
+    tracking_uri: str
+    artifact_root: str
+    experiment: str
+
+
+class Params(Strict):
+    seed: int
+    data: DataParams
+    sample_data: SampleDataParams
+    task: TaskParams
+    base: BaseParams
+    dapt: DaptParams
+    sft: SftParams
+    evaluate: EvaluateParams
+    # `register` would shadow a BaseModel attribute; the YAML key stays `register`.
+    registry: RegisterParams = Field(alias="register")
+    mlflow: MlflowParams
+
+
+class ParamsError(SystemExit):
+    """Exit with a message a user can act on (no traceback)."""
+
+    def __init__(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        super().__init__(2)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid params:"]
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {key}: {err['msg']}")
+        raise ParamsError("\n".join(lines)) from None
+
+
+def params_hash(params: Params) -> str:
+    return hashlib.sha256(json.dumps(params.model_dump(by_alias=True), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,111 @@
+"""Stage `dapt`: optional domain-adaptive continued pretraining on the raw domain corpus.
+
+Causal LM loss over every token of packed blocks of the corpus. `method: full` trains every weight
+(the right choice for the small default); `method: lora` trains a LoRA adapter and merges it back,
+so the output is always a plain model directory the `sft` stage loads like any base. Disabled, the
+stage writes a model_ref.json that hands the base on untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.config import DaptParams, Params, load_params
+from pipeline.data import mcq_prompt, read_jsonl, read_lines
+from pipeline.modeling import load_causal_lm, load_tokenizer, write_model_ref
+
+
+def task_texts(params: Params) -> list[str]:
+    """TAPT: the task's own unlabeled text, i.e. each training item's chat prompt without its answer."""
+    tokenizer = load_tokenizer(params.base.out_dir)
+    return [tokenizer.apply_chat_template(mcq_prompt(item, params.task), add_generation_prompt=True, tokenize=False)
+            for item in read_jsonl(params.data.train)]
+
+
+def pack_corpus(lines: list[str], tokenizer, block_size: int) -> list[list[int]]:
+    """Tokenize every line, join with EOS, cut into full blocks of block_size tokens."""
+    ids: list[int] = []
+    for line in lines:
+        ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    n_blocks = len(ids) // block_size
+    return [ids[i * block_size:(i + 1) * block_size] for i in range(n_blocks)]
+
+
+def continued_pretraining(base_dir: Path, lines: list[str], dapt: DaptParams, seed: int, out_dir: Path) -> list[dict]:
+    """Train on the corpus and save the adapted full model to out_dir; return the loss log."""
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+
+    # seed → data → tokenizer → model → trainer → train → save
+    set_seed(seed)
+    tokenizer = load_tokenizer(base_dir)
+    blocks = pack_corpus(lines, tokenizer, dapt.block_size)
+    if not blocks:
+        raise SystemExit(f"error: dapt: the domain corpus has fewer than block_size={dapt.block_size} tokens")
+    dataset = Dataset.from_dict({"input_ids": blocks})
+    model = load_causal_lm(base_dir)
+    if dapt.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=dapt.lora_r, lora_alpha=dapt.lora_alpha,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    with tempfile.TemporaryDirectory(prefix="dapt-") as work:
+        args = TrainingArguments(
+            output_dir=work, max_steps=dapt.max_steps, per_device_train_batch_size=dapt.batch_size,
+            learning_rate=dapt.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05,
+            logging_steps=10, save_strategy="no", report_to="none", seed=seed, data_seed=seed,
+            use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+        trainer.train()
+    model = trainer.model
+    if dapt.method == "lora":
+        model = model.merge_and_unload()
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".dapt-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(tmp, out_dir)
+    return [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+
+
+def main() -> None:
+    import mlflow
+
+    from pipeline.tracking import stage_run
+
+    params = load_params()
+    out_dir, base_dir = Path(params.dapt.out_dir), Path(params.base.out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    loss_csv = Path("plots/dapt_loss.csv")
+    loss_csv.parent.mkdir(parents=True, exist_ok=True)
+    if not params.dapt.enabled:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        write_model_ref(out_dir, str(base_dir))
+        loss_csv.write_text("step,loss\n", encoding="utf-8")
+        print("dapt: disabled; handing the base on untouched")
+        return
+    lines = read_lines(params.data.domain_corpus)
+    if params.dapt.tapt:
+        lines += task_texts(params)
+    with stage_run(params, "dapt"):
+        mlflow.log_params({f"dapt.{k}": v for k, v in params.dapt.model_dump().items()})
+        log = continued_pretraining(base_dir, lines, params.dapt, params.seed, out_dir)
+        for entry in log:
+            mlflow.log_metric("dapt_loss", entry["loss"], step=entry["step"])
+    with loss_csv.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "loss"])
+        writer.writeheader()
+        writer.writerows(log)
+    print(f"dapt: {params.dapt.method} continued pretraining, {params.dapt.max_steps} steps, "
+          f"final loss {log[-1]['loss']:.3f}" if log else "dapt: done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Loading models and tokenizers the same way for every stage, for the tiny default and real models.
+
+A stage output that hands a model on without copying it (the `base` stage for a hub model, `dapt`
+when disabled) is a directory holding only `model_ref.json`; `resolve_model` follows such refs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+REF_FILE = "model_ref.json"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_model_ref(out_dir: Path, name_or_path: str, revision: str | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REF_FILE).write_text(
+        json.dumps({"name_or_path": name_or_path, "revision": revision}, indent=2) + "\n", encoding="utf-8"
+    )
+
+
+def resolve_model(path: str | Path) -> tuple[str, str | None]:
+    """(name_or_path, revision) to hand to from_pretrained, following model_ref.json chains."""
+    current, revision = str(path), None
+    for _ in range(10):
+        ref = Path(current) / REF_FILE
+        if not ref.is_file():
+            return current, revision
+        data = json.loads(ref.read_text(encoding="utf-8"))
+        current, revision = data["name_or_path"], data.get("revision")
+    raise ValueError(f"{path}: model_ref.json chain is longer than 10 links")
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """sha256 over a local model directory's weight and config files; the id itself for a hub model."""
+    root = Path(name_or_path)
+    if not root.is_dir():
+        return f"hub:{name_or_path}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(root).as_posix().encode())
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def quantization_config(quantization: str, double_quant: bool, compute_dtype: str):
+    """BitsAndBytesConfig for nf4/fp4 (QLoRA) or int8 (LLM.int8); None for plain LoRA."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    name, revision = resolve_model(path)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    if tokenizer.pad_token is None:
+        # Safe with TRL's collator: it builds labels from the attention/assistant masks, not from the
+        # pad id, so the EOS label stays trainable and the model still learns to stop.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, quantization: str = "none", double_quant: bool = True,
+                   compute_dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    name, revision = resolve_model(path)
+    kwargs = {"revision": revision, "dtype": DTYPES[compute_dtype]}
+    qconfig = quantization_config(quantization, double_quant, compute_dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    if torch.cuda.is_available():
+        kwargs["device_map"] = "auto"
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device

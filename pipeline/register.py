@@ -1,0 +1,125 @@
+"""Stage `register`: the adapter becomes a new version of a registered model in MLflow.
+
+Only the adapter (and its tokenizer/template) is stored: the base is referenced through MLflow's
+`base_model_path` and tagged with its content hash. Alias `champion` moves to the new version only
+when it beats both the base and the current champion on the gate metric by `min_improvement`;
+otherwise the version gets alias `challenger` and a tag saying why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+
+from pipeline.config import Params, load_params, params_hash
+from pipeline.modeling import load_causal_lm, load_tokenizer, model_fingerprint, resolve_model
+from pipeline.tracking import git_commit, stage_run
+
+LIBRARIES = ["torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "mlflow"]
+
+
+def file_md5(path: str | Path) -> str:
+    digest = hashlib.md5()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def promotion_decision(params: Params, metrics: dict, champion_value: float | None) -> tuple[bool, str]:
+    """Whether the new version becomes champion, and why (or why not)."""
+    gate = params.registry.gate_metric
+    margin = params.registry.min_improvement
+    new = metrics[gate]
+    base = metrics[gate.replace("tuned_", "base_", 1)]
+    if new < base + margin or new == base:
+        return False, f"{gate}={new:.4f} does not beat the base ({base:.4f}) by {margin}"
+    if champion_value is not None and (new < champion_value + margin or new == champion_value):
+        return False, f"{gate}={new:.4f} does not beat the champion ({champion_value:.4f}) by {margin}"
+    against = "no champion yet" if champion_value is None else f"champion {champion_value:.4f}"
+    return True, f"{gate}={new:.4f} beats base {base:.4f} and {against}"
+
+
+def lineage_tags(params: Params, metrics: dict, base_name: str) -> dict[str, str]:
+    sha, dirty = git_commit()
+    tags = {
+        "git_commit": sha,
+        "git_dirty": str(dirty),
+        "params_hash": params_hash(params),
+        "data_train_md5": file_md5(params.data.train),
+        "data_eval_md5": file_md5(params.data.eval),
+        "base_model": params.base.model,
+        "base_model_revision": str(params.base.revision),
+        "adapter_base_path": base_name,
+        "adapter_base_sha256": model_fingerprint(base_name),
+        "seed": str(params.seed),
+        **{f"lib.{lib}": pkg_version(lib) for lib in LIBRARIES},
+        **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in metrics.items()},
+    }
+    return tags
+
+
+def register_adapter(params: Params, metrics: dict) -> dict:
+    """Log the adapter, register a version, tag its lineage, apply the promotion gate."""
+    import mlflow
+    from mlflow import MlflowClient
+    from peft import PeftModel
+
+    name = params.registry.model_name
+    adapter_dir = Path(params.sft.out_dir)
+    # The adapter sits on the DAPT output (or the base when DAPT is off): that model is referenced.
+    base_name, _ = resolve_model(params.dapt.out_dir)
+    base_ref = str(Path(base_name).resolve()) if Path(base_name).is_dir() else base_name
+    with stage_run(params, "register") as run:
+        tokenizer = load_tokenizer(adapter_dir)
+        model = PeftModel.from_pretrained(load_causal_lm(base_name, compute_dtype=params.sft.compute_dtype),
+                                          str(adapter_dir))
+        mlflow.log_params({"model_name": name, "gate_metric": params.registry.gate_metric,
+                           "min_improvement": params.registry.min_improvement})
+        mlflow.log_dict(params.model_dump(by_alias=True), "params.json")
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer},
+            name="adapter",
+            task="text-generation",
+            base_model_path=base_ref,
+            pip_requirements=[f"{lib}=={pkg_version(lib)}" for lib in LIBRARIES],
+            registered_model_name=name,
+        )
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        tags = lineage_tags(params, metrics, base_name)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.")})
+        mlflow.log_metrics(metrics)
+
+        champion_value = None
+        try:
+            champion = client.get_model_version_by_alias(name, "champion")
+            champion_value = float(champion.tags[f"metric.{params.registry.gate_metric}"])
+        except mlflow.exceptions.MlflowException:
+            champion = None
+        promoted, reason = promotion_decision(params, metrics, champion_value)
+        alias = "champion" if promoted else "challenger"
+        client.set_registered_model_alias(name, alias, version)
+        client.set_model_version_tag(name, version, "promotion", reason)
+        if promoted and champion is not None:
+            client.set_model_version_tag(name, version, "previous_champion", str(champion.version))
+        return {"model_name": name, "version": version, "alias": alias, "promoted": promoted, "reason": reason,
+                "run_id": run.info.run_id, "model_uri": f"models:/{name}/{version}"}
+
+
+def main() -> None:
+    params = load_params()
+    metrics = json.loads(Path("metrics/eval.json").read_text(encoding="utf-8"))
+    result = register_adapter(params, metrics)
+    out = Path("reports/registry.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"register: {result['model_uri']} -> @{result['alias']} ({result['reason']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""MLflow wiring: one parent run per pipeline execution, one nested run per stage.
+
+Each DVC stage is its own process, so the stages find their parent run by the tag
+`pipeline_run_key`: the value of PIPELINE_RUN_KEY when set (`make run` and the Prefect flow set it
+to a fresh id), else the git commit plus the params hash (so one plain `dvc repro` lands in one run).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.config import Params, params_hash
+
+RUN_KEY_TAG = "pipeline_run_key"
+
+
+def tracking_uri(params: Params) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+
+
+def git_commit() -> tuple[str, bool]:
+    """(commit sha or 'unknown', dirty flag) of the working tree the stage runs in."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return sha, dirty
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown", False
+
+
+def run_key(params: Params) -> str:
+    return os.environ.get("PIPELINE_RUN_KEY") or f"{git_commit()[0][:12]}-{params_hash(params)}"
+
+
+def configure(params: Params) -> str:
+    """Point MLflow at the store and make sure the experiment exists; return its id."""
+    import mlflow
+
+    uri = tracking_uri(params)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if not uri.startswith(("http://", "https://", "databricks")):
+        artifact_root = Path(params.mlflow.artifact_root).resolve()
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        artifact_location = artifact_root.as_uri()
+    return mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifact_location)
+
+
+@contextmanager
+def stage_run(params: Params, stage: str):
+    """Open the stage's nested run under the pipeline execution's parent run."""
+    import mlflow
+
+    experiment_id = configure(params)
+    key = run_key(params)
+    found = mlflow.search_runs([experiment_id], filter_string=f"tags.{RUN_KEY_TAG} = '{key}'",
+                               output_format="list", max_results=1)
+    sha, dirty = git_commit()
+    common_tags = {RUN_KEY_TAG: key, "git_commit": sha, "git_dirty": str(dirty), "params_hash": params_hash(params)}
+    parent_id = found[0].info.run_id if found else None
+    with mlflow.start_run(run_id=parent_id, experiment_id=experiment_id,
+                          run_name=None if parent_id else f"pipeline-{key}", tags=None if parent_id else common_tags):
+        with mlflow.start_run(run_name=stage, nested=True, experiment_id=experiment_id, tags={**common_tags, "stage": stage}) as run:
+            yield run

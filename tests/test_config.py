@@ -1,0 +1,51 @@
+"""Every shipped config loads; bad params are errors that name the key."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert params.base.model == "builtin-tiny"
+    assert params.sft.quantization == "nf4"
+    assert params.registry.model_name
+
+
+def _write(tmp_path, mutate) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda r: r["sft"].update(lora_rank=8), "sft.lora_rank"),
+        (lambda r: r["sft"].update(quantization="nf3"), "sft.quantization"),
+        (lambda r: r["sft"]["lora"].update(r=0), "sft.lora.r"),
+        (lambda r: r["dapt"].update(enabled="sometimes"), "dapt.enabled"),
+        (lambda r: r["task"].update(user_template="no fields"), "task"),
+        (lambda r: r.pop("register"), "register"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, capsys, mutate, key):
+    with pytest.raises(ParamsError) as exc:
+        load_params(_write(tmp_path, mutate))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert key in err, err
+
+
+def test_missing_params_file(tmp_path, capsys):
+    with pytest.raises(ParamsError):
+        load_params(tmp_path / "nope.yaml")
+    assert "params file not found" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""The Prefect flow and its served deployment, against a real temporary Prefect server (no mocks).
+
+Only cheap stages run here; widen DEPLOYMENT_STAGES once more stages are quick enough for CI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.deploy import DEFAULT_CRON
+from flows.pipeline_flow import STAGES, finetune_pipeline
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEPLOYMENT = "finetune-pipeline/scheduled"
+# Stages the served deployment runs in the test (cheap ones; the lead may widen this).
+# `validate` (great-expectations) adds ~10-20 s on 2 cores, which would push this file past ~60 s.
+DEPLOYMENT_STAGES = ["sample_data"]
+RUN_TIMEOUT_S = 120  # upper bound for the triggered run; raise it when widening DEPLOYMENT_STAGES
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real temporary Prefect server on 127.0.0.1 (SQLite in a temp dir), stopped at the end.
+    Yields its API URL; this process's Prefect client points at it while the fixture is active."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))  # the server subprocess inherits it
+        with prefect_test_harness(server_startup_timeout=60):
+            api_url = PREFECT_API_URL.value()
+            assert api_url.startswith("http://127.0.0.1:"), api_url
+            yield api_url
+
+
+def lock_stages(project: Path) -> set[str]:
+    lock = project / "dvc.lock"
+    return set(yaml.safe_load(lock.read_text())["stages"]) if lock.exists() else set()
+
+
+def test_flow_stages_match_dvc_yaml():
+    dvc_stages = list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
+    assert list(STAGES) == dvc_stages
+
+
+def test_flow_runs_stage_in_process(prefect_server, project_copy):
+    state = finetune_pipeline(project_dir=str(project_copy), stages=["sample_data"], return_state=True)
+    assert state.is_completed(), state
+    assert state.result() == ["sample_data"]
+    assert lock_stages(project_copy) == {"sample_data"}
+    assert (project_copy / "data" / "sample" / "train.jsonl").exists()
+
+
+def test_failing_stage_fails_flow_and_stops(prefect_server, project_copy):
+    params = project_copy / "params.yaml"
+    params.write_text(re.sub(r"n_train: \d+", "n_train: 0", params.read_text(), count=1))
+
+    state = finetune_pipeline(project_dir=str(project_copy), stages=["sample_data", "base"], return_state=True)
+
+    assert state.is_failed(), state
+    error = state.result(raise_on_failure=False)
+    assert "sample_data" in str(error) and "n_train" in str(error), error  # stderr tail in the message
+    assert lock_stages(project_copy) == set()
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 15
+        while True:  # task run records reach the API asynchronously
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if any(r.name == "sample_data" and r.state and r.state.is_final() for r in runs) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    names = {r.name: r.state.type.value if r.state else None for r in runs}
+    assert names == {"sample_data": "FAILED"}, names  # `base` never started
+
+
+def test_served_deployment_runs_on_temporary_server(prefect_server, project_copy, tmp_path):
+    env = {**os.environ,
+           "PREFECT_API_URL": prefect_server,
+           "PREFECT_HOME": str(tmp_path / "serve-home"),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    env.pop("PIPELINE_CRON", None)  # the default nightly schedule
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "flows.deploy"], cwd=project_copy, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 40
+            while True:
+                assert serve.poll() is None, f"serve exited early:\n{log_path.read_text()[-3000:]}"
+                try:
+                    deployment = client.read_deployment_by_name(DEPLOYMENT)
+                    break
+                except ObjectNotFound:
+                    assert time.monotonic() < deadline, f"no deployment yet:\n{log_path.read_text()[-3000:]}"
+                    time.sleep(0.5)
+
+        assert [s.schedule.cron for s in deployment.schedules] == [DEFAULT_CRON]
+        assert deployment.parameters == {"project_dir": str(project_copy.resolve())}
+
+        flow_run = run_deployment(name=DEPLOYMENT, parameters={"stages": DEPLOYMENT_STAGES},
+                                  timeout=RUN_TIMEOUT_S, poll_interval=1)
+        assert flow_run.state is not None and flow_run.state.is_completed(), \
+            f"{flow_run.state}\n{log_path.read_text()[-3000:]}"
+        assert flow_run.parameters["project_dir"] == str(project_copy.resolve())
+        assert lock_stages(project_copy) == set(DEPLOYMENT_STAGES)
+    finally:
+        serve.send_signal(signal.SIGINT)  # serve pauses its schedule and exits on Ctrl-C
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()

@@ -1,0 +1,43 @@
+"""The shipped demo data: deterministic, balanced, labelled by type, no train/eval overlap."""
+
+import collections
+import json
+
+from pipeline.config import load_params
+from pipeline.sample_data import generate
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_generator_is_deterministic_and_balanced(tmp_path):
+    params = load_params()
+    counts = generate(params.sample_data, params.task.num_choices, params.seed, tmp_path / "a")
+    generate(params.sample_data, params.task.num_choices, params.seed, tmp_path / "b")
+    for name in ("train.jsonl", "eval.jsonl", "domain_train.txt", "domain_eval.txt", "general_eval.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert counts["train"] >= 500 and counts["eval"] >= 100
+
+    train, held_out = _rows(tmp_path / "a" / "train.jsonl"), _rows(tmp_path / "a" / "eval.jsonl")
+    for rows in (train, held_out):
+        answers = collections.Counter(r["answer"] for r in rows)
+        assert sorted(answers) == [1, 2, 3, 4, 5]
+        assert max(answers.values()) - min(answers.values()) <= 3, answers
+        assert {r["type"] for r in rows} == {"explicit", "ordinal", "lookup"}
+        for r in rows:
+            assert len(r["choices"]) == 5 and len(set(r["choices"])) == 5
+            assert 1 <= r["answer"] <= 5
+    assert not {(r["passage"], r["question"]) for r in train} & {(r["passage"], r["question"]) for r in held_out}
+    # Explicit items state the answer; lookup items carry no hint.
+    explicit = next(r for r in train if r["type"] == "explicit")
+    assert f"{explicit['answer']}번" in explicit["passage"]
+    lookup = next(r for r in train if r["type"] == "lookup")
+    assert lookup["choices"][lookup["answer"] - 1] in lookup["passage"]
+
+
+def test_other_seed_gives_other_data(tmp_path):
+    params = load_params()
+    generate(params.sample_data, params.task.num_choices, 1, tmp_path / "a")
+    generate(params.sample_data, params.task.num_choices, 2, tmp_path / "b")
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() != (tmp_path / "b" / "train.jsonl").read_bytes()
