@@ -105,9 +105,11 @@ def main() -> None:
         write_model_ref(out_dir, params.base.model, params.base.revision)
         print(f"base: {params.base.model} (referenced, not copied)")
         return
-    # The tokenizer learns from the shipped text: the rendered training chats and the domain corpus.
-    texts = ["\n".join(m["content"] for m in mcq_messages(item, params.task)) for item in read_jsonl(params.data.train)]
-    texts += read_lines(params.data.domain_corpus)
+    # The tokenizer learns from the shipped text (the sample data, whatever `data` points at): the
+    # rendered training chats and the domain corpus.
+    shipped = Path(params.sample_data.out_dir)
+    texts = ["\n".join(m["content"] for m in mcq_messages(item, params.task)) for item in read_jsonl(shipped / "train.jsonl")]
+    texts += read_lines(shipped / "domain_train.txt")
     build_tiny_base(texts, params.base.tiny, params.seed, out_dir)
     print(f"base: built-in tiny Llama written to {out_dir}")
 

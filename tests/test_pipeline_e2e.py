@@ -1,0 +1,150 @@
+"""End to end: `dvc repro` of the default params in a fresh git repo, then what a user checks.
+
+One full run (the shipped params, nothing shrunk) is shared by the tests of this module; the last
+test breaks the data and checks that nothing after `validate` runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import dvc, git, make_project_copy
+
+pytestmark = pytest.mark.slow
+
+MODEL_NAME = "mcq-reading-adapter"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    project = make_project_copy(root / "project")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    proc = dvc(project, "repro", MLFLOW_TRACKING_URI=uri, PIPELINE_RUN_KEY="e2e-first-run")
+    return {"project": project, "uri": uri, "stdout": proc.stdout}
+
+
+@pytest.fixture()
+def client(pipeline_run, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline_run["uri"])
+    mlflow.set_tracking_uri(pipeline_run["uri"])
+    return MlflowClient(pipeline_run["uri"])
+
+
+def test_tuned_model_beats_base_and_dapt_lowers_domain_perplexity(pipeline_run):
+    metrics = json.loads((pipeline_run["project"] / "metrics/eval.json").read_text())
+    # Margins from the issue, on numbers this run measured.
+    assert metrics["tuned_accuracy"] - metrics["base_accuracy"] >= 0.25, metrics
+    assert metrics["dapt_ppl_domain"] <= 0.8 * metrics["base_ppl_domain"], metrics
+    assert metrics["n_items"] >= 100
+    preds = [json.loads(line) for line in (pipeline_run["project"] / "reports/predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == metrics["n_items"]
+    tuned_acc = sum(p["tuned_prediction"] == p["answer"] for p in preds) / len(preds)
+    assert tuned_acc == pytest.approx(metrics["tuned_accuracy"])
+    for kind in ("explicit", "ordinal", "lookup"):
+        assert 0.0 <= metrics[f"tuned_accuracy_{kind}"] <= 1.0
+
+
+def test_second_repro_is_a_no_op(pipeline_run):
+    project = pipeline_run["project"]
+    lock_before = (project / "dvc.lock").read_text()
+    proc = dvc(project, "repro", MLFLOW_TRACKING_URI=pipeline_run["uri"])
+    assert "Data and pipelines are up to date." in proc.stdout, proc.stdout
+    assert "Running stage" not in proc.stdout
+    assert (project / "dvc.lock").read_text() == lock_before
+    lock = yaml.safe_load(lock_before)
+    assert set(lock["stages"]) == {"sample_data", "base", "validate", "dapt", "sft", "evaluate", "register"}
+
+
+def test_adapter_loads_with_plain_peft_and_changes_the_model(pipeline_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    project = pipeline_run["project"]
+    config = json.loads((project / "models/adapter/adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert (project / "models/base/model.safetensors").exists()
+    tokenizer = AutoTokenizer.from_pretrained(project / "models/adapter")
+    base = AutoModelForCausalLM.from_pretrained(project / "models/dapt")
+    ids = torch.tensor([tokenizer("지문을 읽고 질문의 답을 구하세요.")["input_ids"]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, project / "models/adapter")
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after), "the adapter changes nothing"
+
+
+def test_registry_holds_champion_version_with_lineage(pipeline_run, client):
+    project = pipeline_run["project"]
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert version.version == "1"
+    tags = version.tags
+    assert tags["git_commit"] == git(project, "rev-parse", "HEAD").stdout.strip()
+    assert tags["data_train_md5"] == hashlib.md5((project / "data/sample/train.jsonl").read_bytes()).hexdigest()
+    assert tags["base_model"] == "builtin-tiny"
+    assert len(tags["adapter_base_sha256"]) == 64
+    assert len(tags["params_hash"]) == 16
+    assert float(tags["metric.tuned_accuracy"]) == pytest.approx(metrics["tuned_accuracy"], abs=1e-5)
+    assert "beats base" in tags["promotion"]
+    run = client.get_run(version.run_id)
+    assert run.data.tags["stage"] == "register"
+    parent_id = run.data.tags["mlflow.parentRunId"]
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert {c.data.tags["stage"] for c in children} == {"validate", "dapt", "sft", "evaluate", "register"}
+    sft_run = next(c for c in children if c.data.tags["stage"] == "sft")
+    history = client.get_metric_history(sft_run.info.run_id, "train_loss")
+    assert len(history) >= 10 and history[-1].value < history[0].value
+    assert "plots" in {a.path for a in client.list_artifacts(sft_run.info.run_id)}
+    validate_run = next(c for c in children if c.data.tags["stage"] == "validate")
+    assert any(a.path == "validation_report" for a in client.list_artifacts(validate_run.info.run_id))
+
+
+def test_registered_adapter_stores_no_base_weights(pipeline_run, client):
+    import mlflow
+
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/{version.version}"))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert "peft/adapter_model.safetensors" in files, files
+    assert not any(f.endswith("model.safetensors") and not f.endswith("adapter_model.safetensors") for f in files), files
+
+
+def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
+    project = pipeline_run["project"]
+    adapter_hash = sha256(project / "models/adapter/adapter_model.safetensors")
+    lock_before = yaml.safe_load((project / "dvc.lock").read_text())
+    # A copy of the training data with one answer out of range, brought in as the user's data.
+    rows = (project / "data/sample/train.jsonl").read_text(encoding="utf-8").splitlines()
+    bad = json.loads(rows[6])
+    bad["answer"] = 9
+    rows[6] = json.dumps(bad, ensure_ascii=False)
+    (project / "data/own").mkdir()
+    (project / "data/own/train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["train"] = "data/own/train.jsonl"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+
+    proc = dvc(project, "repro", check=False, MLFLOW_TRACKING_URI=pipeline_run["uri"])
+
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "data/own/train.jsonl:7" in output and bad["id"] in output and "answer" in output, output[-3000:]
+    assert "Running stage 'sft'" not in proc.stdout and "Running stage 'register'" not in proc.stdout
+    assert sha256(project / "models/adapter/adapter_model.safetensors") == adapter_hash
+    lock_after = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock_after["stages"]["sft"] == lock_before["stages"]["sft"]
+    assert [v.version for v in client.search_model_versions(f"name = '{MODEL_NAME}'")] == ["1"]
