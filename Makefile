@@ -36,7 +36,7 @@ serve: install
 	@mkdir -p .prefect
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200 > .prefect/server.log 2>&1 & \
 	server=$$!; trap "kill $$server" EXIT INT TERM; \
-	for i in $$(seq 60); do curl -sf http://127.0.0.1:4200/api/health >/dev/null && break; sleep 1; done; \
+	for i in $$(seq 60); do $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:4200/api/health')" 2>/dev/null && break; sleep 1; done; \
 	PATH="$(CURDIR)/$(BIN):$$PATH" PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/python -m flows.deploy
 
 clean:

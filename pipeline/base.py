@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.config import BUILTIN_TINY, TinyModelParams, load_params
+from pipeline.config import BUILTIN_TINY, TinyModelParams, load_params, run_cli
 from pipeline.data import mcq_messages, read_jsonl, read_lines
 from pipeline.modeling import write_model_ref
 
@@ -115,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -156,6 +156,17 @@ class ParamsError(SystemExit):
         super().__init__(2)
 
 
+def run_cli(main) -> None:
+    """Run a stage's main(); an error the user can fix (pipeline.data.DataError) ends as one line, exit 2."""
+    from pipeline.data import DataError
+
+    try:
+        main()
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():

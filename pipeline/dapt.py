@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.config import DaptParams, Params, load_params
+from pipeline.config import DaptParams, Params, load_params, run_cli
 from pipeline.data import mcq_prompt, read_jsonl, read_lines
 from pipeline.modeling import load_causal_lm, load_tokenizer, write_model_ref
 
@@ -108,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

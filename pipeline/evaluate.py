@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params, load_params, run_cli
 from pipeline.data import mcq_prompt, read_jsonl, read_lines
 from pipeline.modeling import device_of, load_causal_lm, load_tokenizer, resolve_model
 
@@ -163,4 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -13,7 +13,7 @@ import json
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 
-from pipeline.config import Params, load_params, params_hash
+from pipeline.config import Params, load_params, params_hash, run_cli
 from pipeline.modeling import load_causal_lm, load_tokenizer, model_fingerprint, resolve_model
 from pipeline.tracking import git_commit, stage_run
 
@@ -122,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

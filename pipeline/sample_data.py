@@ -21,7 +21,7 @@ import random
 import re
 from pathlib import Path
 
-from pipeline.config import SampleDataParams, load_params
+from pipeline.config import SampleDataParams, load_params, run_cli
 
 NAMES = ["민수", "지영", "서준", "하은", "도윤", "수아", "예준", "지아", "시우", "서연", "주원", "하린",
          "지호", "윤서", "건우", "채원", "우진", "소율", "현우", "다은"]
@@ -185,4 +185,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params, load_params, run_cli
 from pipeline.data import mcq_messages, mcq_prompt, read_jsonl
 from pipeline.modeling import load_causal_lm, load_tokenizer
 
@@ -130,4 +130,4 @@ def loss_figure(log: list[dict], title: str):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import load_params
+from pipeline.config import load_params, run_cli
 from pipeline.data import DataError, read_jsonl
 from pipeline.tracking import stage_run
 
@@ -275,4 +275,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -91,7 +91,7 @@ def test_registry_holds_champion_version_with_lineage(pipeline_run, client):
     project = pipeline_run["project"]
     metrics = json.loads((project / "metrics/eval.json").read_text())
     version = client.get_model_version_by_alias(MODEL_NAME, "champion")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     tags = version.tags
     assert tags["git_commit"] == git(project, "rev-parse", "HEAD").stdout.strip()
     assert tags["data_train_md5"] == hashlib.md5((project / "data/sample/train.jsonl").read_bytes()).hexdigest()
@@ -147,4 +147,4 @@ def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
     assert sha256(project / "models/adapter/adapter_model.safetensors") == adapter_hash
     lock_after = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock_after["stages"]["sft"] == lock_before["stages"]["sft"]
-    assert [v.version for v in client.search_model_versions(f"name = '{MODEL_NAME}'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")] == ["1"]
