@@ -10,12 +10,11 @@ directory) is not copied: the stage writes a `model_ref.json` pointing at it.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from pipeline.config import BUILTIN_TINY, TinyModelParams, load_params, run_cli
 from pipeline.data import mcq_messages, read_jsonl, read_lines
-from pipeline.modeling import write_model_ref
+from pipeline.modeling import save_atomically, write_model_ref
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
@@ -89,11 +88,7 @@ def build_tiny_base(texts: list[str], tiny: TinyModelParams, seed: int, out_dir:
     """Train the tokenizer, init the model and save both, atomically, to out_dir."""
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
     model = build_tiny_model(tokenizer, tiny, seed)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.copytree(tmp, out_dir)
+    save_atomically(out_dir, model, tokenizer)
 
 
 def main() -> None:

@@ -8,14 +8,16 @@ stage writes a model_ref.json that hands the base on untouched.
 
 from __future__ import annotations
 
-import csv
 import shutil
 import tempfile
 from pathlib import Path
 
 from pipeline.config import DaptParams, Params, load_params, run_cli
 from pipeline.data import mcq_prompt, read_jsonl, read_lines
-from pipeline.modeling import load_causal_lm, load_tokenizer, write_model_ref
+from pipeline.modeling import load_causal_lm, load_tokenizer, save_atomically, write_model_ref
+from pipeline.tracking import log_loss_curve, loss_history, stage_run, write_loss_csv
+
+LOSS_CSV = Path("plots/dapt_loss.csv")
 
 
 def task_texts(params: Params) -> list[str]:
@@ -67,28 +69,20 @@ def continued_pretraining(base_dir: Path, lines: list[str], dapt: DaptParams, se
     model = trainer.model
     if dapt.method == "lora":
         model = model.merge_and_unload()
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".dapt-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.copytree(tmp, out_dir)
-    return [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+    save_atomically(out_dir, model, tokenizer)
+    return loss_history(trainer)
 
 
 def main() -> None:
     import mlflow
 
-    from pipeline.tracking import stage_run
-
     params = load_params()
     out_dir, base_dir = Path(params.dapt.out_dir), Path(params.base.out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    loss_csv = Path("plots/dapt_loss.csv")
-    loss_csv.parent.mkdir(parents=True, exist_ok=True)
     if not params.dapt.enabled:
         shutil.rmtree(out_dir, ignore_errors=True)
         write_model_ref(out_dir, str(base_dir))
-        loss_csv.write_text("step,loss\n", encoding="utf-8")
+        write_loss_csv([], LOSS_CSV)
         print("dapt: disabled; handing the base on untouched")
         return
     lines = read_lines(params.data.domain_corpus)
@@ -97,12 +91,7 @@ def main() -> None:
     with stage_run(params, "dapt"):
         mlflow.log_params({f"dapt.{k}": v for k, v in params.dapt.model_dump().items()})
         log = continued_pretraining(base_dir, lines, params.dapt, params.seed, out_dir)
-        for entry in log:
-            mlflow.log_metric("dapt_loss", entry["loss"], step=entry["step"])
-    with loss_csv.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss"])
-        writer.writeheader()
-        writer.writerows(log)
+        log_loss_curve(log, "dapt_loss", LOSS_CSV, "DAPT loss (all tokens)")
     print(f"dapt: {params.dapt.method} continued pretraining, {params.dapt.max_steps} steps, "
           f"final loss {log[-1]['loss']:.3f}" if log else "dapt: done")
 

@@ -19,6 +19,7 @@ import torch
 from pipeline.config import Params, load_params, run_cli
 from pipeline.data import mcq_prompt, read_jsonl, read_lines
 from pipeline.modeling import device_of, load_causal_lm, load_tokenizer, resolve_model
+from pipeline.tracking import stage_run
 
 
 @torch.no_grad()
@@ -141,8 +142,6 @@ def accuracy_figure(metrics: dict):
 
 def main() -> None:
     import mlflow
-
-    from pipeline.tracking import stage_run
 
     params = load_params()
     metrics_path, preds_path, plot_path = Path("metrics/eval.json"), Path("reports/predictions.jsonl"), Path("plots/accuracy.csv")

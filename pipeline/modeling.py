@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -94,3 +96,21 @@ def load_causal_lm(path: str | Path, quantization: str = "none", double_quant: b
 
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def save_atomically(out_dir: Path, *objects) -> None:
+    """save_pretrained every object into a fresh dir beside out_dir, then swap it in.
+
+    A crash mid-save leaves the previous output (or nothing), never a half-written model.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -13,14 +13,13 @@ The output is an adapter directory that plain `PeftModel.from_pretrained` loads.
 
 from __future__ import annotations
 
-import csv
-import shutil
 import tempfile
 from pathlib import Path
 
 from pipeline.config import Params, load_params, run_cli
 from pipeline.data import mcq_messages, mcq_prompt, read_jsonl
-from pipeline.modeling import load_causal_lm, load_tokenizer
+from pipeline.modeling import load_causal_lm, load_tokenizer, save_atomically
+from pipeline.tracking import log_loss_curve, loss_history, stage_run
 
 
 def training_rows(items: list[dict], params: Params, template_has_generation_markers: bool) -> list[dict]:
@@ -82,18 +81,12 @@ def train_adapter(model_dir: Path, items: list[dict], params: Params, out_dir: P
         print(f"sft: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
         trainer.train()
     # save: only the adapter (+ tokenizer, so the chat template travels with it)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".adapter-") as tmp:
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.copytree(tmp, out_dir)
-    return [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+    save_atomically(out_dir, trainer.model, tokenizer)
+    return loss_history(trainer)
 
 
 def main() -> None:
     import mlflow
-
-    from pipeline.tracking import stage_run
 
     params = load_params()
     out_dir = Path(params.sft.out_dir)
@@ -103,30 +96,8 @@ def main() -> None:
         mlflow.log_params({f"sft.{k}": v for k, v in params.sft.model_dump().items() if k != "lora"})
         mlflow.log_params({f"sft.lora.{k}": str(v) for k, v in params.sft.lora.model_dump().items()})
         log = train_adapter(Path(params.dapt.out_dir), items, params, out_dir)
-        for entry in log:
-            mlflow.log_metric("train_loss", entry["loss"], step=entry["step"])
-        loss_csv = Path("plots/sft_loss.csv")
-        loss_csv.parent.mkdir(parents=True, exist_ok=True)
-        with loss_csv.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "loss"])
-            writer.writeheader()
-            writer.writerows(log)
-        mlflow.log_figure(loss_figure(log, "SFT training loss"), "plots/sft_loss.png")
+        log_loss_curve(log, "train_loss", Path("plots/sft_loss.csv"), "SFT training loss (answer tokens)")
     print(f"sft: adapter written to {out_dir}; final loss {log[-1]['loss']:.3f}" if log else "sft: done")
-
-
-def loss_figure(log: list[dict], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([e["step"] for e in log], [e["loss"] for e in log], marker="o", markersize=3)
-    ax.set(xlabel="step", ylabel="loss", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 if __name__ == "__main__":

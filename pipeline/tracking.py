@@ -7,6 +7,7 @@ to a fresh id), else the git commit plus the params hash (so one plain `dvc repr
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 from contextlib import contextmanager
@@ -65,9 +66,46 @@ def stage_run(params: Params, stage: str):
     found = mlflow.search_runs([experiment_id], filter_string=f"tags.{RUN_KEY_TAG} = '{key}'",
                                output_format="list", max_results=1)
     sha, dirty = git_commit()
-    common_tags = {RUN_KEY_TAG: key, "git_commit": sha, "git_dirty": str(dirty), "params_hash": params_hash(params)}
+    lineage = {"git_commit": sha, "git_dirty": str(dirty), "params_hash": params_hash(params)}
     parent_id = found[0].info.run_id if found else None
+    # Only the parent carries the key tag, so the search above can never return a stage's run.
     with mlflow.start_run(run_id=parent_id, experiment_id=experiment_id,
-                          run_name=None if parent_id else f"pipeline-{key}", tags=None if parent_id else common_tags):
-        with mlflow.start_run(run_name=stage, nested=True, experiment_id=experiment_id, tags={**common_tags, "stage": stage}) as run:
+                          run_name=None if parent_id else f"pipeline-{key}",
+                          tags=None if parent_id else {**lineage, RUN_KEY_TAG: key}):
+        with mlflow.start_run(run_name=stage, nested=True, experiment_id=experiment_id,
+                              tags={**lineage, "stage": stage}) as run:
             yield run
+
+
+def loss_history(trainer) -> list[dict]:
+    """[{step, loss}] from a transformers Trainer's log history."""
+    return [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+
+
+def write_loss_csv(log: list[dict], path: Path) -> None:
+    """The DVC plot file of a loss curve."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "loss"])
+        writer.writeheader()
+        writer.writerows(log)
+
+
+def log_loss_curve(log: list[dict], metric: str, csv_path: Path, title: str) -> None:
+    """Per-step loss as an MLflow metric, a DVC plot CSV and a PNG artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    for entry in log:
+        mlflow.log_metric(metric, entry["loss"], step=entry["step"])
+    write_loss_csv(log, csv_path)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([e["step"] for e in log], [e["loss"] for e in log], marker="o", markersize=3)
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    mlflow.log_figure(fig, f"plots/{csv_path.stem}.png")
+    plt.close(fig)

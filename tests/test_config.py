@@ -1,6 +1,5 @@
 """Every shipped config loads; bad params are errors that name the key."""
 
-import shutil
 from pathlib import Path
 
 import pytest

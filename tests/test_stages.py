@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.base import build_tiny_base
 from pipeline.config import TinyModelParams, load_params
