@@ -27,9 +27,11 @@ test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 # MLflow UI over the project's store: http://127.0.0.1:5000
+MLFLOW_STORE ?= mlflow
+MLFLOW_PORT ?= 5000
 ui: install
-	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow/mlflow.db --artifacts-destination mlflow/artifacts \
-		--host 127.0.0.1 --port 5000
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
+		--artifacts-destination $(MLFLOW_STORE)/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 # Local Prefect server (UI on http://127.0.0.1:4200) plus the scheduled deployment (PIPELINE_CRON).
 serve: install

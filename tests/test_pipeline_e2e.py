@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import dvc, git, make_project_copy
+from tests.conftest import REPO_ROOT, dvc, git, make_project_copy
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +128,45 @@ def test_registered_adapter_stores_no_base_weights(pipeline_run, client):
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert "peft/adapter_model.safetensors" in files, files
     assert not any(f.endswith("model.safetensors") and not f.endswith("adapter_model.safetensors") for f in files), files
+
+
+def test_make_ui_serves_the_run_and_the_champion(pipeline_run):
+    """`make ui` over this run's store (a real MLflow server on 127.0.0.1, stopped here)."""
+    root = Path(pipeline_run["uri"].removeprefix("sqlite:///")).parent
+    venv = Path(sys.executable).parent.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["make", "-f", str(REPO_ROOT / "Makefile"), "-o", str(venv / ".installed"), "ui", f"VENV={venv}",
+         f"MLFLOW_STORE={root}", f"MLFLOW_PORT={port}"],
+        cwd=pipeline_run["project"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "MLflow server did not come up in 90 s"
+                time.sleep(1)
+        page = urllib.request.urlopen(f"{base}/", timeout=10).read().decode()
+        assert "<html" in page.lower()
+        alias = json.load(urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/registered-models/alias?name={MODEL_NAME}&alias=champion", timeout=10))
+        assert alias["model_version"]["version"] == "1"
+        experiment = json.load(urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=finetune-pipeline", timeout=10))
+        assert experiment["experiment"]["name"] == "finetune-pipeline"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
