@@ -55,6 +55,10 @@ def lineage_tags(params: Params, metrics: dict, base_name: str) -> dict[str, str
         "adapter_base_path": base_name,
         "adapter_base_sha256": model_fingerprint(base_name),
         "seed": str(params.seed),
+        # How the adapter was trained, so inference loads the base the same way.
+        "sft.quantization": params.sft.quantization,
+        "sft.double_quant": str(params.sft.double_quant),
+        "sft.compute_dtype": params.sft.compute_dtype,
         **{f"lib.{lib}": pkg_version(lib) for lib in LIBRARIES},
         **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in metrics.items()},
     }

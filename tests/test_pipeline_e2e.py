@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, dvc, git, make_project_copy
+from tests.conftest import REPO_ROOT, dvc, git, make_project_copy, venv_env
 
 pytestmark = pytest.mark.slow
 
@@ -169,10 +169,70 @@ def test_make_ui_serves_the_run_and_the_champion(pipeline_run):
             server.wait()
 
 
+def run_module(project: Path, uri: str, module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=project, capture_output=True, text=True,
+                          env=venv_env(MLFLOW_TRACKING_URI=uri))
+
+
+def test_predict_from_champion_reproduces_the_evaluated_accuracy(pipeline_run, tmp_path):
+    project = pipeline_run["project"]
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    out = tmp_path / "predictions.jsonl"
+    proc = run_module(project, pipeline_run["uri"], "pipeline.predict", "--model-uri", f"models:/{MODEL_NAME}@champion",
+                      "--input", "data/sample/eval.jsonl", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert summary["accuracy"] == pytest.approx(metrics["tuned_accuracy"])
+    evaluated = [json.loads(line) for line in (project / "reports/predictions.jsonl").read_text().splitlines()]
+    predicted = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["prediction"] for p in predicted] == [e["tuned_prediction"] for e in evaluated]
+
+
+def test_predict_refuses_an_unknown_version(pipeline_run):
+    proc = run_module(pipeline_run["project"], pipeline_run["uri"], "pipeline.predict",
+                      "--model-uri", f"models:/{MODEL_NAME}/99", "--input", "data/sample/eval.jsonl")
+    assert proc.returncode == 2 and "not in the registry" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_merged_model_matches_base_plus_adapter(pipeline_run, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    project = pipeline_run["project"]
+    proc = run_module(project, pipeline_run["uri"], "pipeline.merge", "--out", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max abs logit difference" in proc.stdout
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(project / "models/dapt")
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_no_better_adapter_stays_challenger_and_rollback_restores(pipeline_run, client):
+    project = pipeline_run["project"]
+    # Register the same adapter again: it does not beat the champion, so it must not take the alias.
+    proc = run_module(project, pipeline_run["uri"], "pipeline.register")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = client.get_model_version_by_alias(MODEL_NAME, "challenger")
+    assert str(second.version) == "2" and "does not beat the champion" in second.tags["promotion"]
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+    # Promote it the way the register stage does, then roll back with the command.
+    client.set_registered_model_alias(MODEL_NAME, "champion", "2")
+    client.set_model_version_tag(MODEL_NAME, "2", "previous_champion", "1")
+    proc = run_module(project, pipeline_run["uri"], "pipeline.rollback")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+    assert "moved back to version 1" in client.get_model_version(MODEL_NAME, "2").tags["rolled_back"]
+    # Version 1 was the first champion: a second rollback has nowhere to go and says so.
+    proc = run_module(project, pipeline_run["uri"], "pipeline.rollback")
+    assert proc.returncode == 2 and "nothing to roll back to" in proc.stderr
+
+
 def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
     project = pipeline_run["project"]
     adapter_hash = sha256(project / "models/adapter/adapter_model.safetensors")
     lock_before = yaml.safe_load((project / "dvc.lock").read_text())
+    versions_before = {str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")}
     # A copy of the training data with one answer out of range, brought in as the user's data.
     rows = (project / "data/sample/train.jsonl").read_text(encoding="utf-8").splitlines()
     bad = json.loads(rows[6])
@@ -193,4 +253,4 @@ def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
     assert sha256(project / "models/adapter/adapter_model.safetensors") == adapter_hash
     lock_after = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock_after["stages"]["sft"] == lock_before["stages"]["sft"]
-    assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")] == ["1"]
+    assert {str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")} == versions_before

@@ -1,0 +1,48 @@
+"""Move alias `champion` back to the previous champion: `python -m pipeline.rollback [--model-name NAME]`.
+
+The register stage tags each promoted version with `previous_champion`; rolling back follows that
+tag and records what happened on both versions, so the registry keeps the history.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime, timezone
+
+from pipeline.config import load_params, run_cli
+from pipeline.data import DataError
+from pipeline.tracking import configure
+
+
+def rollback(client, name: str) -> tuple[str, str]:
+    """Point `champion` at the previous champion; return (from_version, to_version)."""
+    import mlflow
+
+    try:
+        current = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        raise DataError(f"registered model {name!r} has no `champion` alias: nothing to roll back") from None
+    previous = current.tags.get("previous_champion")
+    if not previous:
+        raise DataError(f"{name}@champion is version {current.version}, the first champion: nothing to roll back to")
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    client.set_registered_model_alias(name, "champion", previous)
+    client.set_model_version_tag(name, str(current.version), "rolled_back", f"{when}: champion moved back to version {previous}")
+    client.set_model_version_tag(name, previous, "restored_from", f"{when}: rollback from version {current.version}")
+    return str(current.version), previous
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mlflow import MlflowClient
+
+    params = load_params()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-name", default=params.registry.model_name)
+    args = parser.parse_args(argv)
+    configure(params)
+    old, new = rollback(MlflowClient(), args.model_name)
+    print(f"rollback: {args.model_name}@champion moved from version {old} back to version {new}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
