@@ -118,14 +118,22 @@ class SftParams(Strict):
 
 class EvaluateParams(Strict):
     batch_size: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
     max_eval_items: int | None = Field(default=None, ge=1)
     ppl_block_size: int = Field(ge=8)
 
 
+class GuardParams(Strict):
+    metric: str
+    higher_is_better: bool
+    tolerance: float = Field(ge=0)  # largest allowed regression against the champion, relative
+
+
 class RegisterParams(Strict):
     model_name: str = Field(min_length=1)
-    gate_metric: str
+    gate_metric: str = Field(pattern=r"^tuned_")
     min_improvement: float = Field(ge=0)
+    guards: list[GuardParams] = []
 
 
 class MlflowParams(Strict):

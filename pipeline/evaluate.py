@@ -2,8 +2,10 @@
 
 MCQ accuracy is by log-likelihood: each option's answer tokens (the option number the assistant
 would write) are scored after the chat prompt, in one batched forward pass per group of items, and
-the most likely option is the prediction (no generate-and-parse). Perplexity on held-out domain
-text shows the DAPT effect; on general text it shows forgetting. All models are loaded with the
+the most likely option is the prediction. Separately, greedy generation within a token budget gives
+the exact match of the parsed answer and the share of generations that stop at EOS (a model that
+never stops is a common failure). Perplexity on held-out domain text shows the DAPT effect; on
+general text it shows forgetting. All models are loaded with the
 same quantization the adapter was trained under, so the comparison is like for like.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -74,6 +77,34 @@ def perplexity(model, tokenizer, lines: list[str], block_size: int) -> float:
     return math.exp(nll / count)
 
 
+@torch.no_grad()
+def generate_answers(model, tokenizer, items: list[dict], params: Params) -> list[dict]:
+    """Greedy generation after the chat prompt, within `evaluate.max_new_tokens`: parsed answer, EOS stop."""
+    device = device_of(model)
+    budget = params.evaluate.max_new_tokens
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
+    results = []
+    try:
+        for start in range(0, len(items), params.evaluate.batch_size):
+            chunk = items[start:start + params.evaluate.batch_size]
+            prompts = [tokenizer.apply_chat_template(mcq_prompt(item, params.task), add_generation_prompt=True,
+                                                     tokenize=False) for item in chunk]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=budget, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            for item, row in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
+                stopped = tokenizer.eos_token_id in row
+                text = tokenizer.decode(row[: row.index(tokenizer.eos_token_id)] if stopped else row,
+                                        skip_special_tokens=True)
+                match = re.search(r"\d+", text)
+                parsed = int(match.group()) if match else None
+                results.append({"text": text, "parsed": parsed, "stopped": stopped,
+                                "correct": parsed == int(item["answer"])})
+    finally:
+        tokenizer.padding_side = side
+    return results
+
+
 def accuracy_report(items: list[dict], scores: list[list[float]]) -> tuple[dict, list[int]]:
     """Overall and per-type accuracy (when items carry a `type`), plus the predictions."""
     predictions = [max(range(len(s)), key=s.__getitem__) + 1 for s in scores]
@@ -98,7 +129,7 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict]]:
     tokenizer = load_tokenizer(params.sft.out_dir)  # the adapter's tokenizer carries the trained template
 
     metrics: dict = {"n_items": len(items)}
-    per_model_preds = {}
+    per_model_preds, per_model_generations = {}, {}
     models = [("base", params.base.out_dir)] + ([] if dapt_is_base else [("dapt", params.dapt.out_dir)])
     for name, path in models + [("tuned", params.dapt.out_dir)]:
         model = load_causal_lm(path, **load)
@@ -109,18 +140,24 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict]]:
         per_model_preds[name] = preds
         metrics[f"{name}_accuracy"] = acc.pop("all")
         metrics.update({f"{name}_accuracy_{t}": v for t, v in acc.items()})
-        if name != "tuned":
-            metrics[f"{name}_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
-            metrics[f"{name}_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
+        generations = generate_answers(model, tokenizer, items, params)
+        per_model_generations[name] = generations
+        metrics[f"{name}_generation_em"] = sum(g["correct"] for g in generations) / len(generations)
+        metrics[f"{name}_eos_rate"] = sum(g["stopped"] for g in generations) / len(generations)
+        metrics[f"{name}_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
+        metrics[f"{name}_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
         del model
     if dapt_is_base:
         metrics["dapt_ppl_domain"], metrics["dapt_ppl_general"] = metrics["base_ppl_domain"], metrics["base_ppl_general"]
     metrics["accuracy_gain"] = metrics["tuned_accuracy"] - metrics["base_accuracy"]
     metrics["dapt_domain_ppl_reduction"] = 1 - metrics["dapt_ppl_domain"] / metrics["base_ppl_domain"]
     metrics["dapt_general_ppl_change"] = metrics["dapt_ppl_general"] / metrics["base_ppl_general"] - 1
+    # Forgetting of what is shipped (DAPT + adapter), relative to the base.
+    metrics["tuned_general_ppl_change"] = metrics["tuned_ppl_general"] / metrics["base_ppl_general"] - 1
     predictions = [
         {"id": item["id"], "type": item.get("type"), "answer": int(item["answer"]),
-         **{f"{name}_prediction": preds[i] for name, preds in per_model_preds.items()}}
+         **{f"{name}_prediction": preds[i] for name, preds in per_model_preds.items()},
+         **{f"{name}_generation": gens[i]["text"] for name, gens in per_model_generations.items()}}
         for i, item in enumerate(items)
     ]
     return metrics, predictions

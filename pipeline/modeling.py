@@ -52,6 +52,13 @@ def model_fingerprint(name_or_path: str) -> str:
     return digest.hexdigest()
 
 
+def template_fingerprint(tokenizer) -> str:
+    """sha256 of what decides how chats become tokens: the chat template and the bos/eos/pad ids."""
+    payload = {"chat_template": tokenizer.chat_template, "bos": tokenizer.bos_token_id,
+               "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def quantization_config(quantization: str, double_quant: bool, compute_dtype: str):
     """BitsAndBytesConfig for nf4/fp4 (QLoRA) or int8 (LLM.int8); None for plain LoRA."""
     from transformers import BitsAndBytesConfig

@@ -18,7 +18,7 @@ import yaml
 from pipeline.config import load_params, run_cli
 from pipeline.data import DataError, read_jsonl
 from pipeline.evaluate import accuracy_report, option_logprobs
-from pipeline.modeling import load_causal_lm, model_fingerprint
+from pipeline.modeling import load_causal_lm, model_fingerprint, template_fingerprint
 from pipeline.tracking import configure
 
 
@@ -54,6 +54,10 @@ def load_registered(model_uri: str):
                         f"registered (sha256 {expected[:12]}...); restore it (git checkout + dvc checkout of the "
                         f"version's commit {version.tags.get('git_commit', '?')[:12]}) or reproduce the version")
     tokenizer = AutoTokenizer.from_pretrained(local / "components" / "tokenizer")
+    expected = version.tags.get("chat_template_sha256")
+    if expected and template_fingerprint(tokenizer) != expected:
+        raise DataError(f"{model_uri}: the tokenizer's chat template or special tokens differ from the ones the "
+                        f"adapter was trained with (fingerprint {expected[:12]}...); prompts would not match training")
     model = load_causal_lm(base, version.tags.get("sft.quantization", "none"),
                            version.tags.get("sft.double_quant", "True") == "True",
                            version.tags.get("sft.compute_dtype", "float32"))

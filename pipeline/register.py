@@ -13,9 +13,11 @@ import json
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 
+import yaml
+
 from pipeline.config import Params, load_params, params_hash, run_cli
-from pipeline.modeling import load_causal_lm, load_tokenizer, model_fingerprint, resolve_model
-from pipeline.tracking import git_commit, stage_run
+from pipeline.modeling import load_causal_lm, load_tokenizer, model_fingerprint, resolve_model, template_fingerprint
+from pipeline.tracking import git_commit, stage_run, tracking_uri
 
 LIBRARIES = ["torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "mlflow"]
 
@@ -28,21 +30,63 @@ def file_md5(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def promotion_decision(params: Params, metrics: dict, champion_value: float | None) -> tuple[bool, str]:
-    """Whether the new version becomes champion, and why (or why not)."""
+def promotion_decision(params: Params, metrics: dict, champion: dict[str, float] | None) -> tuple[bool, str]:
+    """Whether the new version becomes champion, and why (or why not).
+
+    `champion` holds the current champion's metrics (None when there is none). The gate metric must
+    beat the base and the champion by `min_improvement`; guard metrics may not regress against the
+    champion by more than their tolerance. The first version has no champion to guard against.
+    """
     gate = params.registry.gate_metric
     margin = params.registry.min_improvement
     new = metrics[gate]
     base = metrics[gate.replace("tuned_", "base_", 1)]
     if new < base + margin or new == base:
         return False, f"{gate}={new:.4f} does not beat the base ({base:.4f}) by {margin}"
-    if champion_value is not None and (new < champion_value + margin or new == champion_value):
-        return False, f"{gate}={new:.4f} does not beat the champion ({champion_value:.4f}) by {margin}"
-    against = "no champion yet" if champion_value is None else f"champion {champion_value:.4f}"
-    return True, f"{gate}={new:.4f} beats base {base:.4f} and {against}"
+    if champion is None:
+        return True, f"{gate}={new:.4f} beats base {base:.4f} and there is no champion yet"
+    if gate in champion and (new < champion[gate] + margin or new == champion[gate]):
+        return False, f"{gate}={new:.4f} does not beat the champion ({champion[gate]:.4f}) by {margin}"
+    for guard in params.registry.guards:
+        if guard.metric not in champion or guard.metric not in metrics:
+            continue
+        old, value = champion[guard.metric], metrics[guard.metric]
+        worse = (old - value) if guard.higher_is_better else (value - old)
+        if worse > guard.tolerance * abs(old):
+            return False, (f"guard {guard.metric} regressed from {old:.4g} to {value:.4g} "
+                           f"(tolerance {guard.tolerance:.0%} relative)")
+    return True, f"{gate}={new:.4f} beats base {base:.4f} and the champion {champion.get(gate, float('nan')):.4f}"
 
 
-def lineage_tags(params: Params, metrics: dict, base_name: str) -> dict[str, str]:
+def registry_lock(uri: str):
+    """A lock around reading and moving aliases, so two registrations cannot interleave.
+
+    Works for the embedded sqlite store (a lock file beside it); a remote tracking server offers no
+    lock, so concurrent registrations against one are serialised only by running them one at a time.
+    """
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    if uri.startswith("sqlite:///"):
+        return FileLock(str(Path(uri.removeprefix("sqlite:///")).with_suffix(".registry.lock")), timeout=600)
+    return nullcontext()
+
+
+def dvc_lineage(adapter_dir: str, lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
+    """A short hash of each stage's dvc.lock entry (its deps, params and outs) and the adapter's md5."""
+    if not lock_path.is_file():
+        return {}
+    stages = yaml.safe_load(lock_path.read_text(encoding="utf-8")).get("stages", {})
+    tags = {f"dvc.{name}": hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+            for name, entry in stages.items() if name != "register"}
+    for out in stages.get("sft", {}).get("outs", []):
+        if Path(out["path"]) == Path(adapter_dir):
+            tags["adapter_dvc_md5"] = out.get("md5", "")
+    return tags
+
+
+def lineage_tags(params: Params, metrics: dict, base_name: str, tokenizer) -> dict[str, str]:
     sha, dirty = git_commit()
     tags = {
         "git_commit": sha,
@@ -54,6 +98,9 @@ def lineage_tags(params: Params, metrics: dict, base_name: str) -> dict[str, str
         "base_model_revision": str(params.base.revision),
         "adapter_base_path": base_name,
         "adapter_base_sha256": model_fingerprint(base_name),
+        "chat_template_sha256": template_fingerprint(tokenizer),
+        "params_json": json.dumps(params.model_dump(by_alias=True), ensure_ascii=False, separators=(",", ":")),
+        **dvc_lineage(params.sft.out_dir),
         "seed": str(params.seed),
         # How the adapter was trained, so inference loads the base the same way.
         "sft.quantization": params.sft.quantization,
@@ -93,24 +140,25 @@ def register_adapter(params: Params, metrics: dict) -> dict:
         )
         version = str(info.registered_model_version)
         client = MlflowClient()
-        tags = lineage_tags(params, metrics, base_name)
+        tags = lineage_tags(params, metrics, base_name, tokenizer)
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.")})
         mlflow.log_metrics(metrics)
 
-        champion_value = None
-        try:
-            champion = client.get_model_version_by_alias(name, "champion")
-            champion_value = float(champion.tags[f"metric.{params.registry.gate_metric}"])
-        except mlflow.exceptions.MlflowException:
-            champion = None
-        promoted, reason = promotion_decision(params, metrics, champion_value)
-        alias = "champion" if promoted else "challenger"
-        client.set_registered_model_alias(name, alias, version)
-        client.set_model_version_tag(name, version, "promotion", reason)
-        if promoted and champion is not None:
-            client.set_model_version_tag(name, version, "previous_champion", str(champion.version))
+        with registry_lock(tracking_uri(params)):
+            try:
+                champion = client.get_model_version_by_alias(name, "champion")
+                champion_metrics = {k.removeprefix("metric."): float(v) for k, v in champion.tags.items()
+                                    if k.startswith("metric.")}
+            except mlflow.exceptions.MlflowException:
+                champion, champion_metrics = None, None
+            promoted, reason = promotion_decision(params, metrics, champion_metrics)
+            alias = "champion" if promoted else "challenger"
+            client.set_registered_model_alias(name, alias, version)
+            client.set_model_version_tag(name, version, "promotion", reason)
+            if promoted and champion is not None:
+                client.set_model_version_tag(name, version, "previous_champion", str(champion.version))
         return {"model_name": name, "version": version, "alias": alias, "promoted": promoted, "reason": reason,
                 "run_id": run.info.run_id, "model_uri": f"models:/{name}/{version}"}
 

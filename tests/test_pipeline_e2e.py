@@ -1,53 +1,29 @@
 """End to end: `dvc repro` of the default params in a fresh git repo, then what a user checks.
 
-One full run (the shipped params, nothing shrunk) is shared by the tests of this module; the last
-test breaks the data and checks that nothing after `validate` runs.
+One full run (the shipped params, nothing shrunk; fixture `pipeline_run` in conftest.py) is shared by
+these tests; the last test breaks the data and checks that nothing after `validate` runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, dvc, git, make_project_copy, venv_env
+from tests.conftest import MODEL_NAME, dvc, git, mlflow_ui, venv_env
 
 pytestmark = pytest.mark.slow
 
-MODEL_NAME = "mcq-reading-adapter"
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    project = make_project_copy(root / "project")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    proc = dvc(project, "repro", MLFLOW_TRACKING_URI=uri, PIPELINE_RUN_KEY="e2e-first-run")
-    return {"project": project, "uri": uri, "stdout": proc.stdout}
-
-
-@pytest.fixture()
-def client(pipeline_run, monkeypatch):
-    import mlflow
-    from mlflow import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline_run["uri"])
-    mlflow.set_tracking_uri(pipeline_run["uri"])
-    return MlflowClient(pipeline_run["uri"])
 
 
 def test_tuned_model_beats_base_and_dapt_lowers_domain_perplexity(pipeline_run):
@@ -62,6 +38,9 @@ def test_tuned_model_beats_base_and_dapt_lowers_domain_perplexity(pipeline_run):
     assert tuned_acc == pytest.approx(metrics["tuned_accuracy"])
     for kind in ("explicit", "ordinal", "lookup"):
         assert 0.0 <= metrics[f"tuned_accuracy_{kind}"] <= 1.0
+    # Generation: the tuned model answers and stops; the random base does neither.
+    assert metrics["tuned_eos_rate"] > metrics["base_eos_rate"]
+    assert metrics["tuned_generation_em"] > metrics["base_generation_em"]
 
 
 def test_second_repro_is_a_no_op(pipeline_run):
@@ -106,6 +85,12 @@ def test_registry_holds_champion_version_with_lineage(pipeline_run, client):
     assert len(tags["adapter_base_sha256"]) == 64
     assert len(tags["params_hash"]) == 16
     assert float(tags["metric.tuned_accuracy"]) == pytest.approx(metrics["tuned_accuracy"], abs=1e-5)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert tags["adapter_dvc_md5"] == lock["stages"]["sft"]["outs"][0]["md5"]
+    assert {f"dvc.{s}" for s in ("sample_data", "base", "validate", "dapt", "sft", "evaluate")} <= set(tags)
+    assert json.loads(tags["params_json"])["sft"]["quantization"] == tags["sft.quantization"] == "nf4"
+    assert len(tags["chat_template_sha256"]) == 64
+    assert {"lib.torch", "lib.transformers", "lib.peft", "lib.trl", "lib.bitsandbytes"} <= set(tags)
     assert "beats base" in tags["promotion"]
     run = client.get_run(version.run_id)
     assert run.data.tags["stage"] == "register"
@@ -133,25 +118,7 @@ def test_registered_adapter_stores_no_base_weights(pipeline_run, client):
 def test_make_ui_serves_the_run_and_the_champion(pipeline_run):
     """`make ui` over this run's store (a real MLflow server on 127.0.0.1, stopped here)."""
     root = Path(pipeline_run["uri"].removeprefix("sqlite:///")).parent
-    venv = Path(sys.executable).parent.parent
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        ["make", "-f", str(REPO_ROOT / "Makefile"), "-o", str(venv / ".installed"), "ui", f"VENV={venv}",
-         f"MLFLOW_STORE={root}", f"MLFLOW_PORT={port}"],
-        cwd=pipeline_run["project"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()[-3000:]
-                assert time.monotonic() < deadline, "MLflow server did not come up in 90 s"
-                time.sleep(1)
+    with mlflow_ui(root, cwd=pipeline_run["project"]) as base:
         page = urllib.request.urlopen(f"{base}/", timeout=10).read().decode()
         assert "<html" in page.lower()
         alias = json.load(urllib.request.urlopen(
@@ -160,13 +127,6 @@ def test_make_ui_serves_the_run_and_the_champion(pipeline_run):
         experiment = json.load(urllib.request.urlopen(
             f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=finetune-pipeline", timeout=10))
         assert experiment["experiment"]["name"] == "finetune-pipeline"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def run_module(project: Path, uri: str, module: str, *args: str) -> subprocess.CompletedProcess:
@@ -186,6 +146,14 @@ def test_predict_from_champion_reproduces_the_evaluated_accuracy(pipeline_run, t
     evaluated = [json.loads(line) for line in (project / "reports/predictions.jsonl").read_text().splitlines()]
     predicted = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["prediction"] for p in predicted] == [e["tuned_prediction"] for e in evaluated]
+
+
+def test_pyfunc_loads_the_champion_and_generates(pipeline_run, client):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    out = model.predict(["지문을 읽고 질문의 답을 구하세요."])
+    assert len(out) == 1 and isinstance(out[0], str)
 
 
 def test_predict_refuses_an_unknown_version(pipeline_run):
