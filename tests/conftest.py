@@ -104,33 +104,32 @@ def mlflow_ui(store: Path, cwd: Path, timeout: float = 90) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # The server logs every request: a file, not a pipe nobody drains, so it never blocks on a full pipe.
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen(
-        ["make", "-f", str(REPO_ROOT / "Makefile"), "-o", str(venv / ".installed"), "ui", f"VENV={venv}",
-         f"MLFLOW_STORE={store}", f"MLFLOW_PORT={port}"],
-        cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(
+            ["make", "-f", str(REPO_ROOT / "Makefile"), "-o", str(venv / ".installed"), "ui", f"VENV={venv}",
+             f"MLFLOW_STORE={store}", f"MLFLOW_PORT={port}"],
+            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
 
-    def output() -> str:
-        log.seek(0)
-        return log.read().decode(errors="replace")[-3000:]
+        def output() -> str:
+            log.seek(0)
+            return log.read().decode(errors="replace")[-3000:]
 
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, output()
-                assert time.monotonic() < deadline, f"MLflow server did not come up in {timeout:.0f} s\n{output()}"
-                time.sleep(1)
-        yield base
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    urllib.request.urlopen(f"{base}/health", timeout=2)
+                    break
+                except OSError:
+                    assert server.poll() is None, output()
+                    assert time.monotonic() < deadline, f"MLflow server did not come up in {timeout:.0f} s\n{output()}"
+                    time.sleep(1)
+            yield base
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
