@@ -105,9 +105,14 @@ def generate_answers(model, tokenizer, items: list[dict], params: Params) -> lis
     return results
 
 
+def choose(scores: list[list[float]]) -> list[int]:
+    """The 1-based option with the highest log-likelihood, per item."""
+    return [max(range(len(s)), key=s.__getitem__) + 1 for s in scores]
+
+
 def accuracy_report(items: list[dict], scores: list[list[float]]) -> tuple[dict, list[int]]:
     """Overall and per-type accuracy (when items carry a `type`), plus the predictions."""
-    predictions = [max(range(len(s)), key=s.__getitem__) + 1 for s in scores]
+    predictions = choose(scores)
     by_type: dict[str, list[bool]] = defaultdict(list)
     for item, pred in zip(items, predictions):
         correct = pred == int(item["answer"])

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.config import load_params, run_cli
 from pipeline.data import DataError, read_jsonl
-from pipeline.evaluate import accuracy_report, option_logprobs
+from pipeline.evaluate import accuracy_report, choose, option_logprobs
 from pipeline.modeling import load_causal_lm, model_fingerprint, template_fingerprint
 from pipeline.tracking import configure
 
@@ -68,11 +68,13 @@ def load_registered(model_uri: str):
 def predict(model_uri: str, items: list[dict], params) -> tuple[list[dict], dict]:
     model, tokenizer, version = load_registered(model_uri)
     scores = option_logprobs(model, tokenizer, items, params)
-    predictions = [max(range(len(s)), key=s.__getitem__) + 1 for s in scores]
-    rows = [{"id": item.get("id"), "prediction": pred} for item, pred in zip(items, predictions, strict=True)]
     summary = {"model": f"models:/{version.name}/{version.version}", "n_items": len(items)}
     if all("answer" in item for item in items):
-        summary["accuracy"] = accuracy_report(items, scores)[0]["all"]
+        accuracy, predictions = accuracy_report(items, scores)
+        summary["accuracy"] = accuracy["all"]
+    else:
+        predictions = choose(scores)
+    rows = [{"id": item.get("id"), "prediction": pred} for item, pred in zip(items, predictions, strict=True)]
     return rows, summary
 
 
