@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 from pipeline.config import BUILTIN_TINY, TinyModelParams, load_params, run_cli
-from pipeline.data import mcq_messages, read_jsonl, read_lines
+from pipeline.data import read_records
+from pipeline.formats import to_example
 from pipeline.modeling import save_atomically, write_model_ref
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|pad|>"
@@ -103,8 +104,9 @@ def main() -> None:
     # The tokenizer learns from the shipped text (the sample data, whatever `data` points at): the
     # rendered training chats and the domain corpus.
     shipped = Path(params.sample_data.out_dir)
-    texts = ["\n".join(m["content"] for m in mcq_messages(item, params.task)) for item in read_jsonl(shipped / "train.jsonl")]
-    texts += read_lines(shipped / "domain_train.txt")
+    texts = ["\n".join(m["content"] for m in to_example(record, "mcq", params.task).messages)
+             for record in read_records(shipped / "train.jsonl")]
+    texts += [record.value["text"] for record in read_records(shipped / "domain_train.txt")]
     build_tiny_base(texts, params.base.tiny, params.seed, out_dir)
     print(f"base: built-in tiny Llama written to {out_dir}")
 

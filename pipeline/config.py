@@ -21,12 +21,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+CHAT_FORMATS = ("mcq", "messages", "alpaca", "sharegpt")
+
+
+class DatasetParams(Strict):
+    path: str  # a file (.jsonl, .json, .parquet, .txt for text) or a directory of such shards
+    format: Literal["mcq", "messages", "alpaca", "sharegpt", "text"]
+
+
 class DataParams(Strict):
-    train: str
-    eval: str
-    domain_corpus: str
-    domain_eval: str
-    general_eval: str
+    train: DatasetParams
+    eval: DatasetParams
+    domain_corpus: DatasetParams
+    domain_eval: DatasetParams
+    general_eval: DatasetParams
+
+    @model_validator(mode="after")
+    def _formats_fit_their_use(self):
+        for name in ("train", "eval"):
+            if getattr(self, name).format not in CHAT_FORMATS:
+                raise ValueError(f"data.{name}.format must be one of {', '.join(CHAT_FORMATS)} (a chat-like format)")
+        for name in ("domain_corpus", "domain_eval", "general_eval"):
+            if getattr(self, name).format != "text":
+                raise ValueError(f"data.{name}.format must be text (raw text for DAPT and perplexity)")
+        return self
+
+    def chat_sets(self) -> dict[str, DatasetParams]:
+        return {"train": self.train, "eval": self.eval}
+
+    def text_sets(self) -> dict[str, DatasetParams]:
+        return {"domain_corpus": self.domain_corpus, "domain_eval": self.domain_eval, "general_eval": self.general_eval}
 
 
 class SampleDataParams(Strict):
@@ -35,6 +59,7 @@ class SampleDataParams(Strict):
     n_eval: int = Field(ge=1)
     n_domain_lines: int = Field(ge=1)
     n_heldout_lines: int = Field(ge=1)
+    num_choices: int = Field(ge=2, le=10)
     type_mix: dict[Literal["explicit", "ordinal", "lookup"], float]
 
     @model_validator(mode="after")
@@ -47,7 +72,7 @@ class SampleDataParams(Strict):
 class TaskParams(Strict):
     system_prompt: str
     user_template: str
-    num_choices: int = Field(ge=2, le=10)
+    chat_template: str | None = None  # a Jinja file replacing the tokenizer's own chat template
 
     @model_validator(mode="after")
     def _template_fields(self):
@@ -77,6 +102,41 @@ class BaseParams(Strict):
     revision: str | None = None
     out_dir: str = "models/base"
     tiny: TinyModelParams
+
+
+# Rules whose failure leaves no training example to build: always errors.
+STRUCTURAL_RULES = ("required", "type", "non_empty", "utf8", "choices_count", "choices_non_empty", "answer_in_range",
+                    "answer_unambiguous", "turns_schema", "roles_known", "system_first", "alternation",
+                    "ends_with_assistant", "assistant_non_empty", "template_renders")
+ADJUSTABLE_RULES = ("choices_distinct", "unique_id", "duplicate_exact", "duplicate_normalised", "leakage",
+                    "trainable_tokens", "stop_token", "prompt_consistent", "pii")
+WARN_BY_DEFAULT = ("duplicate_normalised", "prompt_consistent", "pii")
+Severity = Literal["error", "warn", "off"]
+
+
+class ValidateParams(Strict):
+    out_dir: str = "data/processed"
+    report_dir: str = "reports/validation"
+    max_record_bytes: int = Field(ge=1000)
+    min_choices: int = Field(ge=2, le=10)
+    max_choices: int = Field(ge=2, le=10)
+    overlong: Literal["error", "drop"]
+    severity: dict[str, Severity] = {}
+    audit_examples: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _rules(self):
+        for rule, level in self.severity.items():
+            if rule not in STRUCTURAL_RULES + ADJUSTABLE_RULES:
+                raise ValueError(f"validate.severity.{rule}: unknown rule; known: {', '.join(STRUCTURAL_RULES + ADJUSTABLE_RULES)}")
+            if rule in STRUCTURAL_RULES and level != "error":
+                raise ValueError(f"validate.severity.{rule}: a structural rule is always `error` (no example can be built)")
+        if self.min_choices > self.max_choices:
+            raise ValueError("validate.min_choices must not exceed validate.max_choices")
+        return self
+
+    def level(self, rule: str) -> str:
+        return self.severity.get(rule, "warn" if rule in WARN_BY_DEFAULT else "error")
 
 
 class DaptParams(Strict):
@@ -148,10 +208,11 @@ class Params(Strict):
     sample_data: SampleDataParams
     task: TaskParams
     base: BaseParams
+    validation: ValidateParams = Field(alias="validate")
     dapt: DaptParams
     sft: SftParams
     evaluate: EvaluateParams
-    # `register` would shadow a BaseModel attribute; the YAML key stays `register`.
+    # `validate`/`register` would shadow BaseModel attributes; the YAML keys stay `validate`/`register`.
     registry: RegisterParams = Field(alias="register")
     mlflow: MlflowParams
 

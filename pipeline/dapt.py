@@ -12,19 +12,25 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.chat import chat_tokenizer, render
 from pipeline.config import DaptParams, Params, load_params, run_cli
-from pipeline.data import mcq_prompt, read_jsonl, read_lines
-from pipeline.modeling import load_causal_lm, load_tokenizer, save_atomically, write_model_ref
+from pipeline.formats import prompt_of, read_examples, read_texts
+from pipeline.modeling import (
+    load_causal_lm,
+    load_tokenizer,
+    save_atomically,
+    write_model_ref,
+)
 from pipeline.tracking import log_loss_curve, loss_history, stage_run, write_loss_csv
 
 LOSS_CSV = Path("plots/dapt_loss.csv")
 
 
 def task_texts(params: Params) -> list[str]:
-    """TAPT: the task's own unlabeled text, i.e. each training item's chat prompt without its answer."""
-    tokenizer = load_tokenizer(params.base.out_dir)
-    return [tokenizer.apply_chat_template(mcq_prompt(item, params.task), add_generation_prompt=True, tokenize=False)
-            for item in read_jsonl(params.data.train)]
+    """TAPT: the task's own unlabeled text, i.e. each training chat's prompt without its answer."""
+    tokenizer = chat_tokenizer(params.base.out_dir, params.task.chat_template)
+    return [render(tokenizer, prompt_of(e), generation_prompt=True)
+            for e in read_examples(params.validation.out_dir, "train")]
 
 
 def pack_corpus(lines: list[str], tokenizer, block_size: int) -> list[list[int]]:
@@ -41,7 +47,12 @@ def continued_pretraining(base_dir: Path, lines: list[str], dapt: DaptParams, se
     """Train on the corpus and save the adapted full model to out_dir; return the loss log."""
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     # seed → data → tokenizer → model → trainer → train → save
     set_seed(seed)
@@ -85,7 +96,7 @@ def main() -> None:
         write_loss_csv([], LOSS_CSV)
         print("dapt: disabled; handing the base on untouched")
         return
-    lines = read_lines(params.data.domain_corpus)
+    lines = read_texts(params.validation.out_dir, "domain_corpus")
     if params.dapt.tapt:
         lines += task_texts(params)
     with stage_run(params, "dapt"):

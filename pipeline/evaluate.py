@@ -1,9 +1,12 @@
-"""Stage `evaluate`: held-out accuracy of base, DAPT and tuned model; perplexity on held-out text.
+"""Stage `evaluate`: held-out scores of base, DAPT and tuned model; perplexity on held-out text.
 
-MCQ accuracy is by log-likelihood: each option's answer tokens (the option number the assistant
-would write) are scored after the chat prompt, in one batched forward pass per group of items, and
-the most likely option is the prediction. Separately, greedy generation within a token budget gives
-the exact match of the parsed answer and the share of generations that stop at EOS (a model that
+Reads only the validated data (data/processed) and refuses an adapter whose chat template differs
+from the one the data was validated with. MCQ accuracy is by log-likelihood: each option's answer
+tokens (exactly the tokens the trainer learned, see `option_sequences`) are scored after the chat
+prompt, in batched forward passes, and the most likely option is the prediction; per-category
+accuracy when items carry a category. Other chat formats get the loss/perplexity of the held-out
+assistant tokens and exact match / ROUGE-L (rouge-score) of greedy answers. For every format, greedy
+generation within a token budget gives the share of answers that stop at a stop token (a model that
 never stops is a common failure). Perplexity on held-out domain text shows the DAPT effect; on
 general text it shows forgetting. All models are loaded with the
 same quantization the adapter was trained under, so the comparison is like for like.
@@ -19,42 +22,59 @@ from pathlib import Path
 
 import torch
 
+from pipeline.chat import (
+    Encoded,
+    encode_chat,
+    render,
+    require_fingerprint,
+    stop_token_ids,
+)
 from pipeline.config import Params, load_params, run_cli
-from pipeline.data import mcq_prompt, read_jsonl, read_lines
+from pipeline.formats import Example, normalised, prompt_of, read_examples, read_texts
 from pipeline.modeling import device_of, load_causal_lm, load_tokenizer, resolve_model
 from pipeline.tracking import stage_run
 
 
+def option_sequences(tokenizer, example: Example) -> list[Encoded]:
+    """The chat answered with each option number; the trainable tokens are what gets scored.
+
+    Scoring exactly the tokens the trainer learned (answer plus the template's end-of-turn marker, and
+    whatever a template puts before the answer, like Qwen3's empty think block) keeps the comparison
+    right for every template, and the end marker keeps "1" and "10" apart.
+    """
+    prompt = prompt_of(example)
+    return [encode_chat(tokenizer, prompt + [{"role": "assistant", "content": str(k)}])[-1]
+            for k in range(1, len(example.choices) + 1)]
+
+
 @torch.no_grad()
-def option_logprobs(model, tokenizer, items: list[dict], params: Params) -> list[list[float]]:
-    """Sum of log-probs of each option's answer tokens (e.g. "3" then EOS) given the chat prompt."""
+def masked_logprobs(model, tokenizer, sequences: list[Encoded], batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log-probs, token count) of the masked tokens of each sequence, in right-padded batches."""
     device = device_of(model)
-    n = params.task.num_choices
-    # Continuations are the assistant's answer strings; EOS is included so "1" and "10" differ.
-    answers = [tokenizer(str(k), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-               for k in range(1, n + 1)]
-    scores: list[list[float]] = []
-    batch_size = params.evaluate.batch_size
-    for start in range(0, len(items), batch_size):
-        seqs, spans = [], []
-        for item in items[start:start + batch_size]:
-            prompt = tokenizer.apply_chat_template(mcq_prompt(item, params.task), add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True)["input_ids"]
-            for answer in answers:
-                seqs.append(prompt + answer)
-                spans.append((len(prompt), len(answer)))
-        width = max(len(s) for s in seqs)
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s.input_ids) for s in chunk)
         pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        input_ids = torch.tensor([s.input_ids + [pad] * (width - len(s.input_ids)) for s in chunk], device=device)
+        attention = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in chunk],
+                                 device=device)
         logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), dim=-1)
-        for row, (prompt_len, answer_len) in enumerate(spans):
-            positions = torch.arange(prompt_len - 1, prompt_len + answer_len - 1, device=device)
-            targets = input_ids[row, prompt_len:prompt_len + answer_len]
-            total = logprobs[row, positions, targets].sum().item()
-            if row % n == 0:
-                scores.append([])
-            scores[-1].append(total)
+        for row, seq in enumerate(chunk):
+            positions = torch.tensor([i for i, bit in enumerate(seq.assistant_masks) if bit and i > 0], device=device)
+            targets = input_ids[row, positions]
+            out.append((logprobs[row, positions - 1, targets].sum().item(), len(positions)))
+    return out
+
+
+def option_logprobs(model, tokenizer, examples: list[Example], batch_size: int) -> list[list[float]]:
+    """Per MCQ example, the log-likelihood of each option's answer (batched over all options of all items)."""
+    per_item = [option_sequences(tokenizer, e) for e in examples]
+    flat = masked_logprobs(model, tokenizer, [s for seqs in per_item for s in seqs], batch_size)
+    scores, start = [], 0
+    for seqs in per_item:
+        scores.append([total for total, _ in flat[start:start + len(seqs)]])
+        start += len(seqs)
     return scores
 
 
@@ -78,31 +98,30 @@ def perplexity(model, tokenizer, lines: list[str], block_size: int) -> float:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, items: list[dict], params: Params) -> list[dict]:
-    """Greedy generation after the chat prompt, within `evaluate.max_new_tokens`: parsed answer, EOS stop."""
+def generate(model, tokenizer, examples: list[Example], stop_ids: set[int], params: Params) -> list[dict]:
+    """Greedy generation after each chat prompt within `evaluate.max_new_tokens`: the text, and whether it stopped."""
     device = device_of(model)
-    budget = params.evaluate.max_new_tokens
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
     results = []
     try:
-        for start in range(0, len(items), params.evaluate.batch_size):
-            chunk = items[start:start + params.evaluate.batch_size]
-            prompts = [tokenizer.apply_chat_template(mcq_prompt(item, params.task), add_generation_prompt=True,
-                                                     tokenize=False) for item in chunk]
+        for start in range(0, len(examples), params.evaluate.batch_size):
+            chunk = examples[start:start + params.evaluate.batch_size]
+            prompts = [render(tokenizer, prompt_of(e), generation_prompt=True) for e in chunk]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=budget, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            for item, row in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
-                stopped = tokenizer.eos_token_id in row
-                text = tokenizer.decode(row[: row.index(tokenizer.eos_token_id)] if stopped else row,
-                                        skip_special_tokens=True)
-                match = re.search(r"\d+", text)
-                parsed = int(match.group()) if match else None
-                results.append({"text": text, "parsed": parsed, "stopped": stopped,
-                                "correct": parsed == int(item["answer"])})
+            out = model.generate(**enc, max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
+                                 eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                end = next((i for i, t in enumerate(row) if t in stop_ids), None)
+                text = tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True)
+                results.append({"text": text.strip(), "stopped": end is not None})
     finally:
         tokenizer.padding_side = side
     return results
+
+
+def parse_option(text: str) -> int | None:
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
 
 
 def choose(scores: list[list[float]]) -> list[int]:
@@ -110,74 +129,117 @@ def choose(scores: list[list[float]]) -> list[int]:
     return [max(range(len(s)), key=s.__getitem__) + 1 for s in scores]
 
 
-def accuracy_report(items: list[dict], scores: list[list[float]]) -> tuple[dict, list[int]]:
-    """Overall and per-type accuracy (when items carry a `type`), plus the predictions."""
-    predictions = choose(scores)
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    for item, pred in zip(items, predictions):
-        correct = pred == int(item["answer"])
-        by_type["all"].append(correct)
-        if "type" in item:
-            by_type[str(item["type"])].append(correct)
-    return {k: sum(v) / len(v) for k, v in sorted(by_type.items())}, predictions
+def by_category(examples: list[Example], correct: list[bool]) -> dict[str, float]:
+    """Overall and per-category share of True (when examples carry a category)."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for example, ok in zip(examples, correct, strict=True):
+        groups["all"].append(ok)
+        if example.category is not None:
+            groups[str(example.category)].append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def mcq_metrics(name: str, model, tokenizer, examples, stop_ids, params) -> tuple[dict, dict]:
+    """Log-likelihood accuracy (per category), generation exact match and EOS-stop rate."""
+    predictions = choose(option_logprobs(model, tokenizer, examples, params.evaluate.batch_size))
+    accuracy = by_category(examples, [p == e.answer for p, e in zip(predictions, examples, strict=True)])
+    generations = generate(model, tokenizer, examples, stop_ids, params)
+    metrics = {f"{name}_accuracy": accuracy.pop("all"), **{f"{name}_accuracy_{c}": v for c, v in accuracy.items()},
+               f"{name}_generation_em": mean([parse_option(g["text"]) == e.answer
+                                              for g, e in zip(generations, examples, strict=True)]),
+               f"{name}_eos_rate": mean([g["stopped"] for g in generations])}
+    per_item = {f"{name}_prediction": predictions, f"{name}_generation": [g["text"] for g in generations]}
+    return metrics, per_item
+
+
+def chat_metrics(name: str, model, tokenizer, examples, stop_ids, params) -> tuple[dict, dict]:
+    """Loss/perplexity on the held-out assistant tokens; exact match and ROUGE-L of greedy answers; EOS rate."""
+    from rouge_score import rouge_scorer
+
+    sequences = [encode_chat(tokenizer, e.messages)[-1] for e in examples]
+    scored = masked_logprobs(model, tokenizer, sequences, params.evaluate.batch_size)
+    loss = -sum(total for total, _ in scored) / max(1, sum(n for _, n in scored))
+    generations = generate(model, tokenizer, examples, stop_ids, params)
+    references = [e.messages[-1]["content"].strip() for e in examples]
+    # Whitespace tokens: the default ROUGE tokenizer keeps only [a-z0-9] and would erase Hangul.
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=WhitespaceTokenizer())
+    rouge = [scorer.score(ref, g["text"])["rougeL"].fmeasure for ref, g in zip(references, generations, strict=True)]
+    exact = [normalised(g["text"]) == normalised(ref) for ref, g in zip(references, generations, strict=True)]
+    metrics = {f"{name}_answer_loss": loss, f"{name}_answer_ppl": math.exp(loss),
+               f"{name}_generation_em": mean(exact), f"{name}_rougeL": mean(rouge),
+               f"{name}_eos_rate": mean([g["stopped"] for g in generations])}
+    return metrics, {f"{name}_generation": [g["text"] for g in generations]}
+
+
+class WhitespaceTokenizer:
+    def tokenize(self, text: str) -> list[str]:
+        return normalised(text).split()
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
 
 
 def evaluate_models(params: Params) -> tuple[dict, list[dict]]:
-    """Metrics of base / dapt / tuned on the same items, and per-item predictions."""
+    """Metrics of base / dapt / tuned on the same held-out items, and per-item predictions."""
     from peft import PeftModel
 
-    items = read_jsonl(params.data.eval)[: params.evaluate.max_eval_items]
-    domain, general = read_lines(params.data.domain_eval), read_lines(params.data.general_eval)
+    processed = params.validation.out_dir
+    examples = read_examples(processed, "eval")[: params.evaluate.max_eval_items]
+    domain, general = read_texts(processed, "domain_eval"), read_texts(processed, "general_eval")
     load = dict(quantization=params.sft.quantization, double_quant=params.sft.double_quant,
                 compute_dtype=params.sft.compute_dtype)
     dapt_is_base = resolve_model(params.dapt.out_dir) == resolve_model(params.base.out_dir)
     tokenizer = load_tokenizer(params.sft.out_dir)  # the adapter's tokenizer carries the trained template
+    require_fingerprint(processed, tokenizer, f"evaluate ({params.sft.out_dir})")
+    stop_ids = stop_token_ids(params.base.out_dir, tokenizer)
+    task_metrics = mcq_metrics if params.data.eval.format == "mcq" else chat_metrics
 
-    metrics: dict = {"n_items": len(items)}
-    per_model_preds, per_model_generations = {}, {}
+    metrics: dict = {"n_items": len(examples)}
+    per_item: dict[str, list] = {}
     models = [("base", params.base.out_dir)] + ([] if dapt_is_base else [("dapt", params.dapt.out_dir)])
     for name, path in models + [("tuned", params.dapt.out_dir)]:
         model = load_causal_lm(path, **load)
         if name == "tuned":
             model = PeftModel.from_pretrained(model, params.sft.out_dir)
         model.eval()
-        acc, preds = accuracy_report(items, option_logprobs(model, tokenizer, items, params))
-        per_model_preds[name] = preds
-        metrics[f"{name}_accuracy"] = acc.pop("all")
-        metrics.update({f"{name}_accuracy_{t}": v for t, v in acc.items()})
-        generations = generate_answers(model, tokenizer, items, params)
-        per_model_generations[name] = generations
-        metrics[f"{name}_generation_em"] = sum(g["correct"] for g in generations) / len(generations)
-        metrics[f"{name}_eos_rate"] = sum(g["stopped"] for g in generations) / len(generations)
+        found, items = task_metrics(name, model, tokenizer, examples, stop_ids, params)
+        metrics |= found
+        per_item |= items
         metrics[f"{name}_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
         metrics[f"{name}_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
         del model
     if dapt_is_base:
         metrics["dapt_ppl_domain"], metrics["dapt_ppl_general"] = metrics["base_ppl_domain"], metrics["base_ppl_general"]
-    metrics["accuracy_gain"] = metrics["tuned_accuracy"] - metrics["base_accuracy"]
+    gate = "accuracy" if params.data.eval.format == "mcq" else "rougeL"
+    metrics[f"{gate}_gain"] = metrics[f"tuned_{gate}"] - metrics[f"base_{gate}"]
     metrics["dapt_domain_ppl_reduction"] = 1 - metrics["dapt_ppl_domain"] / metrics["base_ppl_domain"]
     metrics["dapt_general_ppl_change"] = metrics["dapt_ppl_general"] / metrics["base_ppl_general"] - 1
     # Forgetting of what is shipped (DAPT + adapter), relative to the base.
     metrics["tuned_general_ppl_change"] = metrics["tuned_ppl_general"] / metrics["base_ppl_general"] - 1
-    predictions = [
-        {"id": item["id"], "type": item.get("type"), "answer": int(item["answer"]),
-         **{f"{name}_prediction": preds[i] for name, preds in per_model_preds.items()},
-         **{f"{name}_generation": gens[i]["text"] for name, gens in per_model_generations.items()}}
-        for i, item in enumerate(items)
-    ]
+    predictions = [{"id": e.id, "source": e.source, "category": e.category,
+                    **({"answer": e.answer} if e.answer is not None else {"reference": e.messages[-1]["content"]}),
+                    **{key: values[i] for key, values in per_item.items()}}
+                   for i, e in enumerate(examples)]
     return metrics, predictions
 
 
-def accuracy_figure(metrics: dict):
+def score_name(params: Params) -> str:
+    """The per-model score of the task: accuracy for MCQ, ROUGE-L for free-form chats."""
+    return "accuracy" if params.data.eval.format == "mcq" else "rougeL"
+
+
+def score_figure(metrics: dict, score: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("base", "dapt", "tuned") if f"{n}_accuracy" in metrics]
+    names = [n for n in ("base", "dapt", "tuned") if f"{n}_{score}" in metrics]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.barh(names, [metrics[f"{n}_accuracy"] for n in names], color=["#999", "#6a9", "#36c"][: len(names)])
-    ax.set(xlim=(0, 1), xlabel="held-out accuracy", title="MCQ accuracy by model")
+    ax.barh(names, [metrics[f"{n}_{score}"] for n in names], color=["#999", "#6a9", "#36c"][: len(names)])
+    ax.set(xlim=(0, 1), xlabel=f"held-out {score}", title=f"{score} by model")
     fig.tight_layout()
     return fig
 
@@ -187,18 +249,19 @@ def main() -> None:
 
     params = load_params()
     metrics_path, preds_path, plot_path = Path("metrics/eval.json"), Path("reports/predictions.jsonl"), Path("plots/accuracy.csv")
+    score = score_name(params)
     with stage_run(params, "evaluate"):
         metrics, predictions = evaluate_models(params)
         for path in (metrics_path, preds_path, plot_path):
             path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         preds_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
-        plot_path.write_text("model,accuracy\n" + "".join(
-            f"{n},{metrics[f'{n}_accuracy']:.4f}\n" for n in ("base", "dapt", "tuned") if f"{n}_accuracy" in metrics))
+        plot_path.write_text("model,score\n" + "".join(
+            f"{n},{metrics[f'{n}_{score}']:.4f}\n" for n in ("base", "dapt", "tuned") if f"{n}_{score}" in metrics))
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(preds_path), "evaluation")
         mlflow.log_artifact(str(metrics_path), "evaluation")
-        mlflow.log_figure(accuracy_figure(metrics), "plots/accuracy.png")
+        mlflow.log_figure(score_figure(metrics, score), f"plots/{score}.png")
     width = max(len(k) for k in metrics)
     print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in metrics.items()))
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_params, run_cli
-from pipeline.data import DataError, mcq_prompt, read_jsonl
+from pipeline.data import DataError
+from pipeline.formats import prompt_of, read_examples
 from pipeline.modeling import load_causal_lm, load_tokenizer, save_atomically
 from pipeline.tracking import stage_run
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="max abs logit difference allowed (float32: merging reorders the sums)")
     parser.add_argument("--n-prompts", type=int, default=8)
     args = parser.parse_args(argv)
-    prompts = [mcq_prompt(item, params.task) for item in read_jsonl(params.data.eval)[: args.n_prompts]]
+    prompts = [prompt_of(e) for e in read_examples(params.validation.out_dir, "eval")[: args.n_prompts]]
     with stage_run(params, "merge"):
         diff = merge_adapter(Path(params.dapt.out_dir), Path(params.sft.out_dir), Path(args.out), prompts,
                              params.sft.compute_dtype, args.tolerance)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from pipeline.config import load_params, run_cli
-from pipeline.data import DataError, read_jsonl
-from pipeline.evaluate import accuracy_report, choose, option_logprobs
+from pipeline.data import DataError, Record, read_records
+from pipeline.evaluate import choose, option_logprobs
+from pipeline.formats import CHAT_SUFFIXES, Example, structure_problems, to_example
 from pipeline.modeling import load_causal_lm, model_fingerprint, template_fingerprint
 from pipeline.tracking import configure
 
@@ -36,10 +38,11 @@ def model_version(client, model_uri: str):
 
 def load_registered(model_uri: str):
     """(model, tokenizer, version) for a registered adapter, refusing a changed base."""
-    import mlflow
-    from mlflow import MlflowClient
     from peft import PeftModel
     from transformers import AutoTokenizer
+
+    import mlflow
+    from mlflow import MlflowClient
 
     try:
         version = model_version(MlflowClient(), model_uri)
@@ -65,16 +68,28 @@ def load_registered(model_uri: str):
     return model, tokenizer, version
 
 
-def predict(model_uri: str, items: list[dict], params) -> tuple[list[dict], dict]:
+def mcq_examples(path: str | Path, task) -> list[Example]:
+    """MCQ items of a user's file (any format `data` accepts); `answer` is optional here."""
+    examples = []
+    for record in read_records(path, CHAT_SUFFIXES):
+        has_answer = isinstance(record.value, dict) and record.value.get("answer") is not None
+        value = record.value if has_answer else {**record.value, "answer": 1}
+        problems = structure_problems(value, "mcq").found
+        if problems:
+            rule, message = next(iter(problems.items()))
+            raise DataError(f"{record.where()}: {rule}: {message}")
+        example = to_example(Record(record.file, record.index, record.by_line, value), "mcq", task)
+        examples.append(example if has_answer else replace(example, answer=None))
+    return examples
+
+
+def predict(model_uri: str, examples: list[Example], params) -> tuple[list[dict], dict]:
     model, tokenizer, version = load_registered(model_uri)
-    scores = option_logprobs(model, tokenizer, items, params)
-    summary = {"model": f"models:/{version.name}/{version.version}", "n_items": len(items)}
-    if all("answer" in item for item in items):
-        accuracy, predictions = accuracy_report(items, scores)
-        summary["accuracy"] = accuracy["all"]
-    else:
-        predictions = choose(scores)
-    rows = [{"id": item.get("id"), "prediction": pred} for item, pred in zip(items, predictions, strict=True)]
+    predictions = choose(option_logprobs(model, tokenizer, examples, params.evaluate.batch_size))
+    summary = {"model": f"models:/{version.name}/{version.version}", "n_items": len(examples)}
+    if all(e.answer is not None for e in examples):
+        summary["accuracy"] = sum(p == e.answer for p, e in zip(predictions, examples, strict=True)) / len(examples)
+    rows = [{"id": e.id, "prediction": p} for e, p in zip(examples, predictions, strict=True)]
     return rows, summary
 
 
@@ -86,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     configure(params)
-    rows, summary = predict(args.model_uri, read_jsonl(args.input), params)
+    rows, summary = predict(args.model_uri, mcq_examples(args.input, params.task), params)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.output:
         Path(args.output).write_text(lines, encoding="utf-8")

@@ -16,7 +16,13 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Params, load_params, params_hash, run_cli
-from pipeline.modeling import load_causal_lm, load_tokenizer, model_fingerprint, resolve_model, template_fingerprint
+from pipeline.modeling import (
+    load_causal_lm,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model,
+    template_fingerprint,
+)
 from pipeline.tracking import git_commit, stage_run, tracking_uri
 
 LIBRARIES = ["torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "mlflow"]
@@ -92,8 +98,10 @@ def lineage_tags(params: Params, metrics: dict, base_name: str, tokenizer) -> di
         "git_commit": sha,
         "git_dirty": str(dirty),
         "params_hash": params_hash(params),
-        "data_train_md5": file_md5(params.data.train),
-        "data_eval_md5": file_md5(params.data.eval),
+        # The exact data trained and evaluated on (validated, normalised); raw inputs are in the dvc.* hashes.
+        "data_train_md5": file_md5(Path(params.validation.out_dir) / "train.jsonl"),
+        "data_eval_md5": file_md5(Path(params.validation.out_dir) / "eval.jsonl"),
+        "data_train_format": params.data.train.format,
         "base_model": params.base.model,
         "base_model_revision": str(params.base.revision),
         "adapter_base_path": base_name,
@@ -114,9 +122,10 @@ def lineage_tags(params: Params, metrics: dict, base_name: str, tokenizer) -> di
 
 def register_adapter(params: Params, metrics: dict) -> dict:
     """Log the adapter, register a version, tag its lineage, apply the promotion gate."""
+    from peft import PeftModel
+
     import mlflow
     from mlflow import MlflowClient
-    from peft import PeftModel
 
     name = params.registry.model_name
     adapter_dir = Path(params.sft.out_dir)

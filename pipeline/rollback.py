@@ -7,7 +7,7 @@ tag and records what happened on both versions, so the registry keeps the histor
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipeline.config import load_params, run_cli
 from pipeline.data import DataError
@@ -25,7 +25,7 @@ def rollback(client, name: str) -> tuple[str, str]:
     previous = current.tags.get("previous_champion")
     if not previous:
         raise DataError(f"{name}@champion is version {current.version}, the first champion: nothing to roll back to")
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, "champion", previous)
     client.set_model_version_tag(name, str(current.version), "rolled_back", f"{when}: champion moved back to version {previous}")
     client.set_model_version_tag(name, previous, "restored_from", f"{when}: rollback from version {current.version}")

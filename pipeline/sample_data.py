@@ -16,12 +16,12 @@ it, and a general-text held-out set on other topics (the forgetting check).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 from pipeline.config import SampleDataParams, load_params, run_cli
+from pipeline.data import write_jsonl
 
 NAMES = ["민수", "지영", "서준", "하은", "도윤", "수아", "예준", "지아", "시우", "서연", "주원", "하린",
          "지호", "윤서", "건우", "채원", "우진", "소율", "현우", "다은"]
@@ -138,12 +138,6 @@ def general_sentence(rng: random.Random) -> str:
     return f"{rng.choice(GENERAL_SUBJECTS)}에는 {rng.choice(GENERAL_EVENTS)}. {rng.choice(GENERAL_TAILS)}"
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def generate(params: SampleDataParams, num_choices: int, seed: int, out_dir: Path) -> dict[str, int]:
     """Write train/eval items and the three text files into out_dir; return row counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +174,7 @@ def _balanced_subset(rows: list[dict], n: int, mix: dict[str, float], num_choice
 
 def main() -> None:
     params = load_params()
-    counts = generate(params.sample_data, params.task.num_choices, params.seed, Path(params.sample_data.out_dir))
+    counts = generate(params.sample_data, params.sample_data.num_choices, params.seed, Path(params.sample_data.out_dir))
     print("sample data:", ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 

@@ -4,11 +4,13 @@ The model (the DAPT output, or the base when DAPT is off) is loaded through bits
 with optional double quant, or LLM.int8, or unquantized for plain LoRA), prepared with
 `prepare_model_for_kbit_training`, and trained with TRL's SFTTrainer and a peft LoraConfig.
 
-Loss falls on the assistant answer only. With a template that marks assistant turns with
-`{% generation %}` (the built-in default) the data is `messages` + `assistant_only_loss`; real model
-templates mostly lack those markers, so for them the same chats go in TRL's conversational
-prompt/completion form + `completion_only_loss`, which masks the prompt for any template.
-The output is an adapter directory that plain `PeftModel.from_pretrained` loads.
+Loss falls on the assistant turns only, for every template: the validated chats (data/processed)
+are tokenized here with `pipeline.chat.encode_chat`, which finds each answer span from the template's
+own rendering (real templates have no `{% generation %}` markers, and TRL cannot patch them all), and
+go to SFTTrainer pre-tokenized with their `assistant_masks`. The label audit in the validate stage
+ran the same function. The chat template must be the one the data was validated with (fingerprint).
+The output is an adapter directory (with the tokenizer and template) that plain
+`PeftModel.from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -16,20 +18,20 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from pipeline.chat import chat_tokenizer, encode_chat, require_fingerprint
 from pipeline.config import Params, load_params, run_cli
-from pipeline.data import mcq_messages, mcq_prompt, read_jsonl
-from pipeline.modeling import load_causal_lm, load_tokenizer, save_atomically
+from pipeline.formats import Example, read_examples
+from pipeline.modeling import load_causal_lm, save_atomically
 from pipeline.tracking import log_loss_curve, loss_history, stage_run
 
 
-def training_rows(items: list[dict], params: Params, template_has_generation_markers: bool) -> list[dict]:
-    if template_has_generation_markers:
-        return [{"messages": mcq_messages(item, params.task)} for item in items]
-    return [{"prompt": mcq_prompt(item, params.task), "completion": mcq_messages(item, params.task)[-1:]}
-            for item in items]
+def training_rows(examples: list[Example], tokenizer) -> list[dict]:
+    """Token ids and assistant-only masks of every example (a chat may give one sequence per answer)."""
+    return [{"input_ids": enc.input_ids, "assistant_masks": enc.assistant_masks}
+            for e in examples for enc in encode_chat(tokenizer, e.messages)]
 
 
-def train_adapter(model_dir: Path, items: list[dict], params: Params, out_dir: Path) -> list[dict]:
+def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: Params, out_dir: Path) -> list[dict]:
     """Train a LoRA adapter on the items and save it (atomically) to out_dir; return the loss log."""
     import torch
     from datasets import Dataset
@@ -40,10 +42,8 @@ def train_adapter(model_dir: Path, items: list[dict], params: Params, out_dir: P
     sft = params.sft
     # seed
     set_seed(params.seed)
-    # tokenizer and data
-    tokenizer = load_tokenizer(model_dir)
-    markers = "{% generation %}" in (tokenizer.chat_template or "")
-    dataset = Dataset.from_list(training_rows(items, params, markers))
+    # data: pre-tokenized with the assistant-only masks
+    dataset = Dataset.from_list(training_rows(examples, tokenizer))
     # model: quantized base + LoRA
     model = load_causal_lm(model_dir, sft.quantization, sft.double_quant, sft.compute_dtype)
     if sft.quantization != "none":
@@ -63,8 +63,6 @@ def train_adapter(model_dir: Path, items: list[dict], params: Params, out_dir: P
             lr_scheduler_type=sft.lr_scheduler,
             warmup_steps=sft.warmup_ratio,
             max_length=sft.max_length,
-            assistant_only_loss=markers,
-            completion_only_loss=None if markers else True,
             gradient_checkpointing=sft.gradient_checkpointing,
             bf16=sft.compute_dtype == "bfloat16",
             fp16=sft.compute_dtype == "float16",
@@ -91,11 +89,14 @@ def main() -> None:
     params = load_params()
     out_dir = Path(params.sft.out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    items = read_jsonl(params.data.train)
+    processed = params.validation.out_dir
+    examples = read_examples(processed, "train")
+    tokenizer = chat_tokenizer(params.dapt.out_dir, params.task.chat_template)
+    require_fingerprint(processed, tokenizer, "sft")
     with stage_run(params, "sft"):
         mlflow.log_params({f"sft.{k}": v for k, v in params.sft.model_dump().items() if k != "lora"})
         mlflow.log_params({f"sft.lora.{k}": str(v) for k, v in params.sft.lora.model_dump().items()})
-        log = train_adapter(Path(params.dapt.out_dir), items, params, out_dir)
+        log = train_adapter(Path(params.dapt.out_dir), examples, tokenizer, params, out_dir)
         log_loss_curve(log, "train_loss", Path("plots/sft_loss.csv"), "SFT training loss (answer tokens)")
     print(f"sft: adapter written to {out_dir}; final loss {log[-1]['loss']:.3f}" if log else "sft: done")
 

@@ -97,6 +97,7 @@ def log_loss_curve(log: list[dict], metric: str, csv_path: Path, title: str) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     import mlflow
 
     for entry in log:

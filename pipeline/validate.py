@@ -1,187 +1,87 @@
-"""Stage `validate`: a Great Expectations suite over the raw train/eval MCQ items, before any training.
+"""Stage `validate`: the data gate. Nothing reaches a training step unless it passed here.
 
-Malformed files (missing, empty, bad UTF-8, a line that is not a JSON object) are caught by
-`read_jsonl` first. Every content rule is one GX expectation on a column of a per-split pandas frame;
-rules that need a derived value (choice count, answer as an integer, the normalised prompt) run on
-helper columns computed here. Row i of the frame is record i of the file, so GX's unexpected indices
-map straight back to a line number and id.
+Every dataset in params `data` is read (`pipeline.data`: file or shard directory, JSONL/JSON/Parquet/
+text), checked by a Great Expectations suite built for its format (`pipeline.checks`), rendered through
+the chat template the `sft` stage will use, and label-audited with the trainer's own masks. Each
+expectation has a severity: `error` stops the pipeline, `warn` is reported (params `validate.severity`).
 
-Outputs: GX Data Docs plus `summary.json` in reports/validation/, metrics/validation.json, and a nested
-MLflow run. Any violation exits 1 with lines such as
-`error: data/x/train.jsonl:17 (id mcq-00016): expect_column_values_to_be_between on answer: value 7 not in 1..5`.
+Outputs, written only when no `error` expectation failed:
+- `data/processed/`: every dataset normalised (chats as `messages`, text as `text`) plus manifest.json
+  holding the chat-template fingerprint; all later stages read these files only.
+Always written (so a failure can be read):
+- `reports/validation/`: GX Data Docs (index.html), summary.json, label_audit.md;
+- `metrics/validation.json` and a nested MLflow run with the report as artifacts.
+A failure prints `error: <file>:<line> (id ...): <rule> on <field>: <detail>` lines and exits 1.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+import statistics
 import sys
-from collections.abc import Callable
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import load_params, run_cli
-from pipeline.data import DataError, read_jsonl
-from pipeline.tracking import stage_run
+from pipeline.config import Params, load_params, run_cli
+from pipeline.data import DataError, Record, read_records, write_jsonl
+from pipeline.formats import CHAT_SUFFIXES, SUFFIXES
 
-REPORT_DIR = Path("reports/validation")
+if TYPE_CHECKING:
+    from pipeline.checks import Split
+
 METRICS_FILE = Path("metrics/validation.json")
 SITE_NAME = "validation_report"
 MAX_PRINTED = 20  # keeps stderr readable on a badly broken file; summary.json lists every violation
-FIELD_TYPES = {"id": "string", "passage": "string", "question": "string", "choices": "array", "answer": "integer"}
-TEXT_FIELDS = ("id", "passage", "question")
-
-
-def json_type(value) -> str | None:
-    """JSON type name of a parsed value; None for null, which the not-null rule reports instead."""
-    if value is None:
-        return None
-    if isinstance(value, bool):  # before int: bool is an int subclass in Python
-        return "boolean"
-    return {int: "integer", float: "number", str: "string", list: "array"}.get(type(value), "object")
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
-def prompt_key(row: dict) -> str | None:
-    passage, question = row.get("passage"), row.get("question")
-    if not (isinstance(passage, str) and isinstance(question, str)):
-        return None
-    # A short hash rather than the text: the overlap rule's value set is stored in the suite.
-    return hashlib.sha1(f"{normalise(passage)}\n{normalise(question)}".encode()).hexdigest()[:16]
-
-
-def short(value) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-@dataclass
-class Split:
-    name: str
-    path: Path
-    rows: list[dict]
-    lines: list[int]  # lines[i]: line number of rows[i] in the file
-
-    def where(self, i: int) -> str:
-        rid = self.rows[i].get("id")
-        return f"{self.path}:{self.lines[i]} (id {rid if isinstance(rid, str) and rid.strip() else '?'})"
-
-
-def read_split(name: str, path: str | Path) -> Split:
-    rows = read_jsonl(path)  # raises DataError naming file and line
-    with Path(path).open("rb") as f:
-        # The same blank-line skipping as read_jsonl, so rows[i] sits on lines[i].
-        lines = [n for n, raw in enumerate(f, start=1) if raw.decode("utf-8").strip()]
-    return Split(name, Path(path), rows, lines)
-
-
-def helper_frame(split: Split):
-    """The raw fields (None when missing) plus the derived columns the rules check."""
-    import pandas as pd
-
-    def ints(values):  # nullable integers: None stays missing (GX skips it) instead of turning floats
-        return pd.Series(values, dtype="Int64")
-
-    values = {f: [row.get(f) for row in split.rows] for f in FIELD_TYPES}
-    columns = {f: pd.Series(v, dtype=object) for f, v in values.items()}
-    for f in FIELD_TYPES:
-        columns[f"{f}_type"] = pd.Series([json_type(v) for v in values[f]], dtype=object)
-    for f in TEXT_FIELDS:
-        columns[f"{f}_chars"] = ints([len(v.strip()) if isinstance(v, str) else None for v in values[f]])
-    columns["id_key"] = pd.Series([v if isinstance(v, str) else None for v in values["id"]], dtype=object)
-    lists = [v if isinstance(v, list) else None for v in values["choices"]]
-    columns["n_choices"] = ints([len(c) if c is not None else None for c in lists])
-    columns["n_bad_choices"] = ints([None if c is None else sum(not (isinstance(x, str) and x.strip()) for x in c)
-                                     for c in lists])
-    columns["answer_int"] = ints([v if json_type(v) == "integer" else None for v in values["answer"]])
-    columns["prompt_key"] = pd.Series([prompt_key(row) for row in split.rows], dtype=object)
-    return pd.DataFrame(columns)
-
-
-@dataclass
-class Rule:
-    record_field: str  # the JSONL field the rule is about: messages name it, not the helper column
-    expectation: object
-    detail: Callable[[int], str]  # row index -> why that record fails
-
-
-def build_rules(split: Split, num_choices: int, train: Split | None) -> list[Rule]:
-    """The suite of one split; `train` is given for the eval split (overlap rule)."""
-    import great_expectations as gx
-
-    ex = gx.expectations
-    rows = split.rows
-    rules = []
-    # The schema is checked per record (present and not null, then JSON type): a JSONL file has no header,
-    # and ExpectColumnToExist would pass as soon as one record had the key. Per-record rules name the line.
-    for f, expected in FIELD_TYPES.items():
-        present = ex.ExpectColumnValuesToNotBeNull(column=f, description=f"every record has `{f}`, not null")
-        rules.append(Rule(f, present, lambda i, f=f: "field missing" if f not in rows[i] else "value is null"))
-        rules.append(Rule(f, ex.ExpectColumnValuesToBeInSet(column=f"{f}_type", value_set=[expected],
-                                                            description=f"`{f}` is a JSON {expected}"),
-                          lambda i, f=f, t=expected: f"expected {t}, got {json_type(rows[i][f])} {short(rows[i][f])}"))
-    for f in TEXT_FIELDS:
-        rules.append(Rule(f, ex.ExpectColumnValuesToBeBetween(column=f"{f}_chars", min_value=1,
-                                                              description=f"`{f}` is not empty or whitespace"),
-                          lambda i: "empty or whitespace-only string"))
-    by_id: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        if isinstance(row.get("id"), str):
-            by_id.setdefault(row["id"], []).append(split.lines[i])
-    rules += [
-        Rule("choices", ex.ExpectColumnValuesToBeBetween(column="n_choices", description=f"exactly {num_choices} choices",
-                                                         min_value=num_choices, max_value=num_choices),
-             lambda i: f"{len(rows[i]['choices'])} choices, expected {num_choices}"),
-        Rule("choices", ex.ExpectColumnValuesToBeBetween(column="n_bad_choices", max_value=0,
-                                                         description="every choice is a non-empty string"),
-             lambda i: f"every choice must be a non-empty string, got {short(rows[i]['choices'])}"),
-        Rule("answer", ex.ExpectColumnValuesToBeBetween(column="answer_int", min_value=1, max_value=num_choices,
-                                                        description=f"`answer` is in 1..{num_choices} (1-based)"),
-             lambda i: f"value {rows[i]['answer']} not in 1..{num_choices}"),
-        Rule("id", ex.ExpectColumnValuesToBeUnique(column="id_key", description="no duplicate ids in the split"),
-             lambda i: "duplicate id, on lines " + ", ".join(map(str, by_id[rows[i]["id"]]))),
-    ]
-    if train is not None:
-        # An eval item seen in training inflates the accuracy the evaluate stage reports.
-        seen = {}
-        for i, row in enumerate(train.rows):
-            seen.setdefault(prompt_key(row), train.where(i))
-        seen.pop(None, None)
-        no_overlap = ex.ExpectColumnValuesToNotBeInSet(column="prompt_key", value_set=sorted(seen),
-                                                       description="no normalised passage+question is also in train")
-        rules.append(Rule("passage+question", no_overlap,
-                          lambda i: f"normalised passage+question also in train at {seen[prompt_key(rows[i])]}"))
-    for n, rule in enumerate(rules):
-        rule.expectation.meta = {"rule": n}  # survives into the result: maps it back to its Rule
-    return rules
+MANIFEST = "manifest.json"
 
 
 @dataclass
 class ValidationOutcome:
-    rows: dict[str, int]
-    checks: list[dict] = field(default_factory=list)  # one per expectation and split
-    violations: list[dict] = field(default_factory=list)  # one per failing record (or unreadable file)
+    rows: dict[str, int] = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)  # one per expectation and dataset
+    violations: list[dict] = field(default_factory=list)  # `error` failures: one per record (or unreadable file)
+    warnings: list[dict] = field(default_factory=list)  # `warn` failures
+    stats: dict[str, dict] = field(default_factory=dict)  # per chat dataset: token lengths, trainable share
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # overlong records left out (validate.overlong=drop)
+    fingerprint: str | None = None
 
-    def add(self, file, line: int | None, record_id, rule: str, message: str) -> None:
-        self.violations.append({"file": str(file), "line": line, "id": record_id, "rule": rule, "message": message})
+    def add(self, severity: str, file, where: str | None, record_id, rule: str, message: str) -> None:
+        target = self.violations if severity == "error" else self.warnings
+        target.append({"file": str(file), "where": where, "id": record_id, "rule": rule, "message": message})
 
     @property
     def success(self) -> bool:
         return not self.violations
 
     def metrics(self) -> dict:
-        return {"train_rows": self.rows.get("train", 0), "eval_rows": self.rows.get("eval", 0),
-                "expectations": len(self.checks), "failed": sum(not c["success"] for c in self.checks),
-                "violations": len(self.violations), "success": self.success}
+        out = {f"{name}_rows": n for name, n in self.rows.items()}
+        out |= {"expectations": len(self.checks), "failed": sum(not c["success"] for c in self.checks),
+                "errors": len(self.violations), "warnings": len(self.warnings), "success": self.success}
+        for name, s in self.stats.items():
+            out |= {f"{name}_tokens_p95": s["tokens"]["p95"], f"{name}_trainable_share": s["trainable_share"]}
+        return out
 
 
-def run_suites(splits: list[Split], num_choices: int, report_dir: Path, outcome: ValidationOutcome) -> None:
+def token_stats(split: Split) -> dict:
+    lengths = sorted(max(len(x.input_ids) for x in e) for e in split.encoded if e)
+    trainable = sum(x.n_trainable for e in split.encoded if e for x in e)
+    total = sum(len(x.input_ids) for e in split.encoded if e for x in e)
+    if not lengths:
+        return {"tokens": {"min": 0, "median": 0, "p95": 0, "max": 0}, "trainable_share": 0.0}
+    p95 = lengths[min(len(lengths) - 1, round(0.95 * (len(lengths) - 1)))]
+    return {"tokens": {"min": lengths[0], "median": statistics.median(lengths), "p95": p95, "max": lengths[-1]},
+            "trainable_share": trainable / total if total else 0.0}
+
+
+def run_suites(splits: list[Split], params: Params, tokenizer, stop_ids: set[int], report_dir: Path,
+               outcome: ValidationOutcome) -> None:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    from pipeline.checks import build_rules, frame
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no tqdm noise on stderr
@@ -189,68 +89,166 @@ def run_suites(splits: list[Split], num_choices: int, report_dir: Path, outcome:
         "class_name": "SiteBuilder",
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(report_dir.resolve())},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
-    source = ctx.data_sources.add_pandas("raw_mcq")
+    source = ctx.data_sources.add_pandas("datasets")
+    train = next((s for s in splits if s.name == "train"), None)
     for split in splits:
-        rules = build_rules(split, num_choices, splits[0] if split.name == "eval" else None)
-        suite = ctx.suites.add(gx.ExpectationSuite(name=f"{split.name}_items"))
+        rules = build_rules(split, params, train if split.name == "eval" else None, stop_ids, tokenizer)
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"{split.name}_{split.fmt}"))
         for rule in rules:
             suite.add_expectation(rule.expectation)
-        batch = source.add_dataframe_asset(split.name).add_batch_definition_whole_dataframe("whole_file")
+        batch = source.add_dataframe_asset(split.name).add_batch_definition_whole_dataframe("whole_dataset")
         definition = ctx.validation_definitions.add(
-            gx.ValidationDefinition(name=f"{split.name}_items", data=batch, suite=suite))
+            gx.ValidationDefinition(name=f"{split.name}_{split.fmt}", data=batch, suite=suite))
         # COMPLETE: every unexpected row index, not just a sample of 20.
-        result = definition.run(batch_parameters={"dataframe": helper_frame(split)}, result_format="COMPLETE")
+        result = definition.run(batch_parameters={"dataframe": frame(split, stop_ids)}, result_format="COMPLETE")
         for res in sorted(result.results, key=lambda r: r.expectation_config.meta["rule"]):
             config, rule = res.expectation_config, rules[res.expectation_config.meta["rule"]]
-            outcome.checks.append({"split": split.name, "expectation": config.type, "column": config.kwargs["column"],
-                                   "field": rule.record_field, "success": bool(res.success),
-                                   "unexpected_count": res.result.get("unexpected_count", 0)})
-            on = f"{config.type} on {rule.record_field}"
+            outcome.checks.append({"dataset": split.name, "rule": rule.name, "expectation": config.type,
+                                   "column": config.kwargs["column"], "field": rule.field, "severity": rule.severity,
+                                   "description": rule.expectation.description,
+                                   "success": bool(res.success), "unexpected_count": res.result.get("unexpected_count", 0)})
+            on = f"{rule.name} on {rule.field}"
             if res.exception_info.get("raised_exception"):  # a rule GX could not evaluate is a failure too
-                outcome.add(split.path, None, None, config.type,
+                outcome.add("error", split.path, None, None, rule.name,
                             f"{split.path}: {on}: could not be evaluated ({res.exception_info['exception_message']})")
             for i in res.result.get("unexpected_index_list") or []:
-                outcome.add(split.path, split.lines[i], split.rows[i].get("id"), config.type,
+                record = split.records[i]
+                rid = record.value.get("id") if isinstance(record.value, dict) else None
+                outcome.add(rule.severity, record.file, record.where(), rid, rule.name,
                             f"{split.where(i)}: {on}: {rule.detail(i)}")
+                if rule.name == "max_length" and params.validation.overlong == "drop":
+                    outcome.dropped.setdefault(split.name, []).append(record.where())
+        if split.is_chat:
+            outcome.stats[split.name] = token_stats(split)
     ctx.build_data_docs(site_names=[SITE_NAME])
 
 
-def validate_datasets(train_path: str | Path, eval_path: str | Path, num_choices: int,
-                      report_dir: str | Path) -> ValidationOutcome:
-    """Validate both splits; replace report_dir with the Data Docs and summary.json. Never raises on bad data."""
+def label_audit(splits: list[Split], tokenizer, stop_ids: set[int], outcome: ValidationOutcome, n: int) -> str:
+    """A page a person reads: rendered examples with the trainable tokens between ⟦ ⟧, and the numbers."""
+    from pipeline.chat import show_masked
+
+    names = ", ".join(tokenizer.convert_ids_to_tokens(sorted(stop_ids)))
+    lines = ["# Label audit", "", f"Chat template fingerprint: `{outcome.fingerprint}`  ",
+             f"Stop tokens: `{names}`  ", "Trainable tokens (the loss) are between ⟦ and ⟧.", ""]
+    for split in splits:
+        if not split.is_chat:
+            continue
+        s = outcome.stats.get(split.name)
+        if s:
+            t = s["tokens"]
+            lines += [f"## {split.name} ({split.fmt}, {split.path})", "",
+                      (f"Tokens per example: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}; "
+                       f"trainable share {s['trainable_share']:.1%}."), ""]
+        shown = [(i, e) for i, e in enumerate(split.encoded) if e][:n]
+        shown += [(i, e) for i, e in enumerate(split.encoded) if e and not all(x.n_trainable for x in e)][:n]
+        for i, encodings in shown:
+            for x in encodings:
+                lines += [f"### {split.where(i)}: {x.n_trainable} of {len(x.input_ids)} tokens trainable", "",
+                          "```", show_masked(tokenizer, x), "```", ""]
+    return "\n".join(lines)
+
+
+def read_datasets(params: Params) -> dict[str, list[Record]]:
+    """Every dataset's records; one DataError naming every unreadable file (each is tried)."""
+    found, errors = {}, []
+    for name, ds in {**params.data.chat_sets(), **params.data.text_sets()}.items():
+        try:
+            found[name] = read_records(ds.path, SUFFIXES.get(ds.format, CHAT_SUFFIXES), params.validation.max_record_bytes)
+        except DataError as exc:
+            errors.append(f"data.{name}: {exc}")
+    if errors:
+        raise DataError("\nerror: ".join(errors))
+    return found
+
+
+def validate_datasets(params: Params, report_dir: str | Path,
+                      records: dict[str, list[Record]] | None = None) -> tuple[ValidationOutcome, list[Split]]:
+    """Check every dataset; replace report_dir with Data Docs, summary.json and the label audit. Unreadable
+    files raise DataError before anything is written; every other problem is a violation in the outcome."""
+    from pipeline.chat import chat_tokenizer, stop_token_ids, template_fingerprint
+    from pipeline.checks import Split, prepare
+
+    records = read_datasets(params) if records is None else records
     report_dir = Path(report_dir)
     shutil.rmtree(report_dir, ignore_errors=True)  # no stale pages from an earlier run
     report_dir.mkdir(parents=True)
-    splits, outcome = [], ValidationOutcome(rows={})
-    for name, path in (("train", train_path), ("eval", eval_path)):
-        try:
-            splits.append(read_split(name, path))
-            outcome.rows[name] = len(splits[-1].rows)
-        except DataError as exc:  # both files are checked, so one run names every unreadable file
-            outcome.add(path, None, None, "read_jsonl", str(exc))
-    if not outcome.violations:  # the suites need both splits (overlap rule)
-        run_suites(splits, num_choices, report_dir, outcome)
-    outcome.violations.sort(key=lambda v: (v["file"] != str(train_path), v["line"] or 0))
-    summary = {**outcome.metrics(), "checks": outcome.checks, "violations": outcome.violations}
-    (report_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return outcome
+    outcome = ValidationOutcome(rows={name: len(r) for name, r in records.items()})
+    sets = {**params.data.chat_sets(), **params.data.text_sets()}
+    splits = [Split(name, sets[name].path, sets[name].format, r) for name, r in records.items()]
+    tokenizer = None
+    try:
+        tokenizer = chat_tokenizer(params.base.out_dir, params.task.chat_template)
+    except DataError as exc:
+        outcome.add("error", params.task.chat_template or params.base.out_dir, None, None, "template", str(exc))
+    if outcome.success:  # the suites need every dataset (leakage) and the template
+        stop_ids = stop_token_ids(params.base.out_dir, tokenizer)
+        outcome.fingerprint = template_fingerprint(tokenizer)
+        for split in splits:
+            prepare(split, params, tokenizer)
+        run_suites(splits, params, tokenizer, stop_ids, report_dir, outcome)
+        (report_dir / "label_audit.md").write_text(
+            label_audit(splits, tokenizer, stop_ids, outcome, params.validation.audit_examples), encoding="utf-8")
+    summary = {**outcome.metrics(), "fingerprint": outcome.fingerprint, "stats": outcome.stats,
+               "dropped": outcome.dropped, "checks": outcome.checks, "violations": outcome.violations,
+               "warnings": outcome.warnings}
+    # errors=: a lone surrogate (JSON "\udc80", the utf8 rule) in an id or message must not crash the report
+    (report_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8",
+                                             errors="backslashreplace")
+    return outcome, splits
+
+
+def write_processed(splits: list[Split], params: Params, outcome: ValidationOutcome, out_dir: str | Path) -> None:
+    """The validated datasets as the later stages read them, swapped in whole (never half-written)."""
+    from pipeline.modeling import resolve_model
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        counts = {}
+        for split in splits:
+            dropped = set(outcome.dropped.get(split.name, ()))
+            if split.is_chat:
+                rows = [e.to_json() for e in split.examples if e is not None and e.source not in dropped]
+            else:
+                rows = [{"text": r.value["text"]} for r in split.records]
+            write_jsonl(tmp / f"{split.name}.jsonl", rows)
+            counts[split.name] = len(rows)
+        base, revision = resolve_model(params.base.out_dir)
+        manifest = {"template_fingerprint": outcome.fingerprint, "base": base, "revision": revision,
+                    "chat_template_file": params.task.chat_template, "rows": counts,
+                    "dropped": outcome.dropped, "datasets": params.data.model_dump()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        tmp.chmod(0o755)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def print_report(outcome: ValidationOutcome, report_dir: Path) -> None:
     from tabulate import tabulate
 
-    if not outcome.checks:
-        print(f"validate: no expectations ran (a data file could not be read); report in {report_dir}/")
-    else:
-        rows: dict[tuple, dict] = {}  # one line per rule, a column per split: half as long as per-split rows
+    if outcome.checks:
+        names = list(dict.fromkeys(c["dataset"] for c in outcome.checks))
+        rows: dict[tuple, dict] = {}  # one line per rule and column, a column per dataset
         for c in outcome.checks:
-            cell = "ok" if c["success"] else f"FAIL ({c['unexpected_count']})"
-            rows.setdefault((c["expectation"], c["column"]), {})[c["split"]] = cell
-        print(tabulate([(*key, cells.get("train", "-"), cells.get("eval", "-")) for key, cells in rows.items()],
-                       headers=["expectation", "column", "train", "eval"]))
-        m = outcome.metrics()
-        print(f"validate: train {m['train_rows']} rows, eval {m['eval_rows']} rows, "
-              f"{m['expectations'] - m['failed']}/{m['expectations']} expectations passed, report in {report_dir}/")
+            cell = "ok" if c["success"] else f"{'FAIL' if c['severity'] == 'error' else c['severity'].upper()} " \
+                                             f"({c['unexpected_count']})"
+            rows.setdefault((c["rule"], c["field"], c["severity"]), {})[c["dataset"]] = cell
+        print(tabulate([(*key, *(cells.get(n, "-") for n in names)) for key, cells in rows.items()],
+                       headers=["rule", "on", "severity", *names]))
+        for name, s in outcome.stats.items():
+            t = s["tokens"]
+            print(f"validate: {name}: tokens min {t['min']} / median {t['median']} / p95 {t['p95']} / max {t['max']}, "
+                  f"trainable share {s['trainable_share']:.1%}"
+                  + (f", {len(outcome.dropped[name])} overlong dropped" if outcome.dropped.get(name) else ""))
+    m = outcome.metrics()
+    print(f"validate: {', '.join(f'{k} {v}' for k, v in outcome.rows.items())}; "
+          f"{m['expectations'] - m['failed']}/{m['expectations']} expectations passed, {m['errors']} errors, "
+          f"{m['warnings']} warnings; report in {report_dir}/")
+    for v in outcome.warnings[:MAX_PRINTED]:
+        print(f"warning: {v['message']}", file=sys.stderr)
     for v in outcome.violations[:MAX_PRINTED]:
         print(f"error: {v['message']}", file=sys.stderr)
     if len(outcome.violations) > MAX_PRINTED:
@@ -259,19 +257,27 @@ def print_report(outcome: ValidationOutcome, report_dir: Path) -> None:
 
 
 def main() -> None:
+    params = load_params()
+    # Unreadable input (missing, empty, binary, truncated JSON, over-long line) stops here, before the
+    # heavy imports and before anything is written: run_cli prints the DataError and exits 2.
+    records = read_datasets(params)
     import mlflow
 
-    params = load_params()
+    from pipeline.tracking import stage_run
+
+    report_dir = Path(params.validation.report_dir)
     with stage_run(params, "validate"):
-        outcome = validate_datasets(params.data.train, params.data.eval, params.task.num_choices, REPORT_DIR)
+        outcome, splits = validate_datasets(params, report_dir, records)
         metrics = outcome.metrics()
         METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
         METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         mlflow.log_metrics({f"validation_{k}": float(v) for k, v in metrics.items()})
-        mlflow.log_artifacts(str(REPORT_DIR), "validation_report")
-        print_report(outcome, REPORT_DIR)
+        mlflow.log_artifacts(str(report_dir), "validation_report")
+        print_report(outcome, report_dir)
         if not outcome.success:
-            raise SystemExit(1)  # inside the run: MLflow marks the stage run FAILED
+            raise SystemExit(1)  # inside the run: MLflow marks the stage run FAILED; data/processed untouched
+        write_processed(splits, params, outcome, params.validation.out_dir)
+    print(f"validate: processed data in {params.validation.out_dir}/ (template {outcome.fingerprint[:12]})")
 
 
 if __name__ == "__main__":

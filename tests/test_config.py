@@ -34,6 +34,12 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["dapt"].update(enabled="sometimes"), "dapt.enabled"),
         (lambda r: r["task"].update(user_template="no fields"), "task"),
         (lambda r: r.pop("register"), "register"),
+        (lambda r: r["data"]["train"].update(format="csv"), "data.train.format"),
+        (lambda r: r["data"]["train"].update(format="text"), "data.train.format must be one of"),
+        (lambda r: r["data"]["domain_corpus"].update(format="mcq"), "data.domain_corpus.format must be text"),
+        (lambda r: r["validate"]["severity"].update(roles_known="warn"), "validate.severity.roles_known"),
+        (lambda r: r["validate"]["severity"].update(spelling="warn"), "validate.severity.spelling: unknown rule"),
+        (lambda r: r["validate"].update(overlong="truncate"), "validate.overlong"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, capsys, mutate, key):

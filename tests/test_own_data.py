@@ -16,7 +16,7 @@ def test_own_dataset_is_versioned_pushed_pulled_and_validated(project_copy, tmp_
     project = project_copy
     # A user's dataset: here made by the generator with another seed, saved where the user keeps data.
     params = load_params(project / "params.yaml")
-    generate(params.sample_data.model_copy(update={"n_train": 80, "n_eval": 20}), params.task.num_choices, 7,
+    generate(params.sample_data.model_copy(update={"n_train": 80, "n_eval": 20}), params.sample_data.num_choices, 7,
              tmp_path / "own")
     own = project / "data/own/train.jsonl"
     own.parent.mkdir(parents=True)
@@ -26,7 +26,7 @@ def test_own_dataset_is_versioned_pushed_pulled_and_validated(project_copy, tmp_
     # 1. version it with DVC and point params at it
     dvc(project, "add", "data/own/train.jsonl")
     raw = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-    raw["data"]["train"] = "data/own/train.jsonl"
+    raw["data"]["train"] = {"path": "data/own/train.jsonl", "format": "mcq"}
     (project / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
     assert yaml.safe_load((project / "data/own/train.jsonl.dvc").read_text())["outs"][0]["md5"] == md5
 

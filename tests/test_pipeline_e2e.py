@@ -80,7 +80,7 @@ def test_registry_holds_champion_version_with_lineage(pipeline_run, client):
     assert str(version.version) == "1"
     tags = version.tags
     assert tags["git_commit"] == git(project, "rev-parse", "HEAD").stdout.strip()
-    assert tags["data_train_md5"] == hashlib.md5((project / "data/sample/train.jsonl").read_bytes()).hexdigest()
+    assert tags["data_train_md5"] == hashlib.md5((project / "data/processed/train.jsonl").read_bytes()).hexdigest()
     assert tags["base_model"] == "builtin-tiny"
     assert len(tags["adapter_base_sha256"]) == 64
     assert len(tags["params_hash"]) == 16
@@ -209,7 +209,7 @@ def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
     (project / "data/own").mkdir()
     (project / "data/own/train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"]["train"] = "data/own/train.jsonl"
+    params["data"]["train"] = {"path": "data/own/train.jsonl", "format": "mcq"}
     (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
 
     proc = dvc(project, "repro", check=False, MLFLOW_TRACKING_URI=pipeline_run["uri"])

@@ -13,8 +13,8 @@ def _rows(path):
 
 def test_generator_is_deterministic_and_balanced(tmp_path):
     params = load_params()
-    counts = generate(params.sample_data, params.task.num_choices, params.seed, tmp_path / "a")
-    generate(params.sample_data, params.task.num_choices, params.seed, tmp_path / "b")
+    counts = generate(params.sample_data, params.sample_data.num_choices, params.seed, tmp_path / "a")
+    generate(params.sample_data, params.sample_data.num_choices, params.seed, tmp_path / "b")
     for name in ("train.jsonl", "eval.jsonl", "domain_train.txt", "domain_eval.txt", "general_eval.txt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert counts["train"] >= 500 and counts["eval"] >= 100
@@ -38,6 +38,6 @@ def test_generator_is_deterministic_and_balanced(tmp_path):
 
 def test_other_seed_gives_other_data(tmp_path):
     params = load_params()
-    generate(params.sample_data, params.task.num_choices, 1, tmp_path / "a")
-    generate(params.sample_data, params.task.num_choices, 2, tmp_path / "b")
+    generate(params.sample_data, params.sample_data.num_choices, 1, tmp_path / "a")
+    generate(params.sample_data, params.sample_data.num_choices, 2, tmp_path / "b")
     assert (tmp_path / "a" / "train.jsonl").read_bytes() != (tmp_path / "b" / "train.jsonl").read_bytes()

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.base import build_tiny_base
 from pipeline.config import TinyModelParams, load_params
-from pipeline.data import mcq_messages, read_jsonl, read_lines
+from pipeline.data import read_records
+from pipeline.formats import Example, to_example
 from pipeline.sample_data import generate
 
 TINY = TinyModelParams(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
@@ -23,15 +24,10 @@ def tiny(tmp_path_factory):
     params = load_params()
     sample = params.sample_data.model_copy(update={"n_train": 60, "n_eval": 20, "n_domain_lines": 300,
                                                    "n_heldout_lines": 40})
-    generate(sample, params.task.num_choices, params.seed, root / "data")
-    texts = [m["content"] for item in read_jsonl(root / "data/train.jsonl") for m in mcq_messages(item, params.task)]
-    build_tiny_base(texts + read_lines(root / "data/domain_train.txt"), TINY, params.seed, root / "base")
-    data = params.data.model_copy(update={
-        "train": str(root / "data/train.jsonl"), "eval": str(root / "data/eval.jsonl"),
-        "domain_corpus": str(root / "data/domain_train.txt"), "domain_eval": str(root / "data/domain_eval.txt"),
-        "general_eval": str(root / "data/general_eval.txt")})
+    generate(sample, 5, params.seed, root / "data")
+    texts = [m["content"] for e in examples(root / "data/train.jsonl", params) for m in e.messages]
+    build_tiny_base(texts + lines(root / "data/domain_train.txt"), TINY, params.seed, root / "base")
     params = params.model_copy(update={
-        "data": data,
         "base": params.base.model_copy(update={"out_dir": str(root / "base"), "tiny": TINY}),
         "dapt": params.dapt.model_copy(update={"out_dir": str(root / "dapt"), "max_steps": 20, "batch_size": 4}),
         "sft": params.sft.model_copy(update={"out_dir": str(root / "adapter"), "max_steps": 8, "batch_size": 4,
@@ -39,6 +35,14 @@ def tiny(tmp_path_factory):
         "evaluate": params.evaluate.model_copy(update={"max_eval_items": 10}),
     })
     return root, params
+
+
+def examples(path, params) -> list[Example]:
+    return [to_example(r, "mcq", params.task) for r in read_records(path)]
+
+
+def lines(path) -> list[str]:
+    return [r.value["text"] for r in read_records(path)]
 
 
 def test_base_is_an_ordinary_hf_model_with_a_hangul_tokenizer(tiny):
@@ -52,16 +56,16 @@ def test_base_is_an_ordinary_hf_model_with_a_hangul_tokenizer(tiny):
     text = "지문을 읽고 질문의 답을 구하세요. 정답은 3번이다."
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: any Hangul round-trips
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    item = read_jsonl(params.data.train)[0]
-    out = tokenizer.apply_chat_template(mcq_messages(item, params.task), tokenize=True, return_dict=True,
+    example = examples(root / "data/train.jsonl", params)[0]
+    out = tokenizer.apply_chat_template(example.messages, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
     trained = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
-    assert tokenizer.decode(trained) == f"{item['answer']}<|eot_id|>"  # the loss falls on the answer only
+    assert tokenizer.decode(trained) == f"{example.answer}<|eot_id|>"  # the loss falls on the answer only
 
 
 def test_base_build_is_deterministic(tiny, tmp_path):
     root, params = tiny
-    texts = read_lines(params.data.domain_corpus)
+    texts = lines(root / "data/domain_train.txt")
     build_tiny_base(texts, TINY, params.seed, tmp_path / "a")
     build_tiny_base(texts, TINY, params.seed, tmp_path / "b")
     for name in ("model.safetensors", "tokenizer.json"):
@@ -72,7 +76,7 @@ def test_dapt_full_training_lowers_domain_loss(tiny):
     from pipeline.dapt import continued_pretraining
 
     root, params = tiny
-    log = continued_pretraining(root / "base", read_lines(params.data.domain_corpus), params.dapt, params.seed,
+    log = continued_pretraining(root / "base", lines(root / "data/domain_train.txt"), params.dapt, params.seed,
                                 root / "dapt")
     assert log[-1]["loss"] < log[0]["loss"]
     assert (root / "dapt/model.safetensors").exists()
@@ -85,7 +89,7 @@ def test_dapt_lora_is_merged_into_a_plain_model(tiny, tmp_path):
 
     root, params = tiny
     dapt = params.dapt.model_copy(update={"method": "lora", "max_steps": 4})
-    continued_pretraining(root / "base", read_lines(params.data.domain_corpus), dapt, params.seed, tmp_path / "m")
+    continued_pretraining(root / "base", lines(root / "data/domain_train.txt"), dapt, params.seed, tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert not any("lora" in name for name, _ in model.named_parameters())
 
@@ -95,11 +99,14 @@ def test_sft_writes_an_adapter_plain_peft_loads(tiny, tmp_path, quantization):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from pipeline.chat import chat_tokenizer
     from pipeline.sft import train_adapter
 
     root, params = tiny
     params = params.model_copy(update={"sft": params.sft.model_copy(update={"quantization": quantization})})
-    log = train_adapter(root / "base", read_jsonl(params.data.train), params, tmp_path / "adapter")
+    tokenizer = chat_tokenizer(root / "base")
+    log = train_adapter(root / "base", examples(root / "data/train.jsonl", params), tokenizer, params,
+                        tmp_path / "adapter")
     assert log and all(math.isfinite(e["loss"]) for e in log)
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert config["r"] == params.sft.lora.r
@@ -108,44 +115,43 @@ def test_sft_writes_an_adapter_plain_peft_loads(tiny, tmp_path, quantization):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # training moved the zero-initialised B
 
 
-def test_sft_for_a_template_without_generation_markers_masks_the_prompt(tiny, tmp_path):
-    """Real model templates lack {% generation %}: the prompt/completion form must still mask the prompt."""
+def test_sft_batches_carry_exactly_the_masked_answer_tokens(tiny, tmp_path):
+    """The trainer's labels are the answer and its end-of-turn token, also for a template without
+    {% generation %} markers (real model templates), since the masks come from pipeline.chat."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    from pipeline.chat import chat_tokenizer
     from pipeline.sft import training_rows
 
     root, params = tiny
-    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    tokenizer = chat_tokenizer(root / "base")
     tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-
-    items = read_jsonl(params.data.train)[:1]
-    rows = training_rows(items, params, template_has_generation_markers=False)
+    example = examples(root / "data/train.jsonl", params)[0]
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(root / "base"),
                          args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
-                                        completion_only_loss=True, per_device_train_batch_size=1),
-                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+                                        per_device_train_batch_size=1),
+                         train_dataset=Dataset.from_list(training_rows([example], tokenizer)),
+                         processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     labels = batch["labels"][0]
     trained = tokenizer.decode(batch["input_ids"][0][labels != -100])
-    assert trained == f"{items[0]['answer']}<|eot_id|>", trained  # the answer and EOS, no prompt token
+    assert trained == f"{example.answer}<|eot_id|>", trained  # the answer and EOS, no prompt token
 
 
 def test_option_scoring_and_perplexity(tiny):
-    from pipeline.evaluate import accuracy_report, option_logprobs, perplexity
+    from pipeline.evaluate import choose, option_logprobs, perplexity
     from pipeline.modeling import load_causal_lm, load_tokenizer
 
     root, params = tiny
     tokenizer, model = load_tokenizer(root / "base"), load_causal_lm(root / "base").eval()
-    items = read_jsonl(params.data.eval)[:6]
-    scores = option_logprobs(model, tokenizer, items, params)
+    items = examples(root / "data/eval.jsonl", params)[:6]
+    scores = option_logprobs(model, tokenizer, items, 16)
     assert len(scores) == 6 and all(len(s) == 5 and all(v < 0 for v in s) for s in scores)
-    # Batched scoring equals scoring one item at a time.
-    single = option_logprobs(model, tokenizer, items[:1], params.model_copy(
-        update={"evaluate": params.evaluate.model_copy(update={"batch_size": 1})}))
+    # Batched scoring equals scoring one sequence at a time.
+    single = option_logprobs(model, tokenizer, items[:1], 1)
     assert single[0] == pytest.approx(scores[0], abs=1e-4)
-    acc, preds = accuracy_report(items, scores)
-    assert 0 <= acc["all"] <= 1 and all(1 <= p <= 5 for p in preds)
-    ppl = perplexity(model, tokenizer, read_lines(params.data.domain_eval), 32)
+    assert all(1 <= p <= 5 for p in choose(scores))
+    ppl = perplexity(model, tokenizer, lines(root / "data/domain_eval.txt"), 32)
     assert 1 < ppl < 10 * len(tokenizer)

@@ -1,9 +1,12 @@
-"""Stage `validate`: real Great Expectations on generated sample data and broken copies of it."""
+"""Stage `validate`: the real Great Expectations gate on generated sample data, a tiny base's tokenizer and
+chat template, and broken copies of the data. (Every malformed-file case lives in tests/bad_inputs.)"""
 
 from __future__ import annotations
 
 import json
 import os
+from html import unescape
+import re
 import shutil
 import subprocess
 import sys
@@ -12,189 +15,206 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import SampleDataParams
+from pipeline.base import build_tiny_base
+from pipeline.config import Params, TinyModelParams, load_params
+from pipeline.data import read_records
+from pipeline.formats import to_example
 from pipeline.sample_data import generate
-from pipeline.validate import validate_datasets
+from pipeline.validate import validate_datasets, write_processed
 
 REPO = Path(__file__).resolve().parents[1]
-NUM_CHOICES = 5
+TINY = TinyModelParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=600,
+                       max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory) -> Path:
-    """Small generated train/eval files (fast suites), made once per module."""
-    out = tmp_path_factory.mktemp("sample")
-    params = SampleDataParams(n_train=60, n_eval=20, n_domain_lines=1, n_heldout_lines=1,
-                              type_mix={"explicit": 0.4, "ordinal": 0.3, "lookup": 0.3})
-    generate(params, NUM_CHOICES, seed=0, out_dir=out)
-    return out
+def sample(tmp_path_factory) -> Path:
+    """Small generated datasets and a tiny base (its tokenizer and chat template), made once per module."""
+    root = tmp_path_factory.mktemp("sample")
+    params = load_params(REPO / "params.yaml")
+    generate(params.sample_data.model_copy(update={"n_train": 60, "n_eval": 20, "n_domain_lines": 30,
+                                                   "n_heldout_lines": 10}), 5, 0, root / "data")
+    texts = [m["content"] for r in read_records(root / "data/train.jsonl") for m in
+             to_example(r, "mcq", params.task).messages]
+    build_tiny_base(texts + [r.value["text"] for r in read_records(root / "data/domain_train.txt")], TINY, 0,
+                    root / "base")
+    return root
+
+
+def params_for(root: Path, **sections) -> Params:
+    """The repo's params with `data` and `base` pointed into root, plus section overrides (dicts, merged)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    raw["data"] = {"train": {"path": str(root / "data/train.jsonl"), "format": "mcq"},
+                   "eval": {"path": str(root / "data/eval.jsonl"), "format": "mcq"},
+                   "domain_corpus": {"path": str(root / "data/domain_train.txt"), "format": "text"},
+                   "domain_eval": {"path": str(root / "data/domain_eval.txt"), "format": "text"},
+                   "general_eval": {"path": str(root / "data/general_eval.txt"), "format": "text"}}
+    raw["base"]["out_dir"] = str(root / "base")
+    for section, values in sections.items():
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(raw[section].get(key), dict):
+                raw[section][key] = {**raw[section][key], **value}
+            else:
+                raw[section][key] = value
+    return Params.model_validate(raw)
 
 
 @pytest.fixture
-def data(sample_dir, tmp_path) -> tuple[Path, Path]:
-    """A fresh copy of the sample train/eval files the test may break."""
-    train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    shutil.copy(sample_dir / "train.jsonl", train)
-    shutil.copy(sample_dir / "eval.jsonl", eval_)
-    return train, eval_
+def root(sample, tmp_path) -> Path:
+    """A fresh copy of the sample data (the test may break it) beside the shared tiny base."""
+    shutil.copytree(sample / "data", tmp_path / "data")
+    (tmp_path / "base").symlink_to(sample / "base")
+    return tmp_path
 
 
-def records(path: Path) -> list[dict]:
+def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def write(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+def write(path: Path, items: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items), encoding="utf-8")
 
 
-def run(train: Path, eval_: Path, tmp_path: Path):
-    return validate_datasets(train, eval_, NUM_CHOICES, tmp_path / "report")
-
-
-def test_good_sample_passes(data, tmp_path):
-    outcome = run(*data, tmp_path)
+def test_good_data_passes_and_data_docs_list_every_expectation(root):
+    outcome, splits = validate_datasets(params_for(root), root / "report")
     assert outcome.success, outcome.violations
-    assert outcome.metrics() == {"train_rows": 60, "eval_rows": 20, "expectations": 35, "failed": 0,
-                                 "violations": 0, "success": True}
-    assert (tmp_path / "report" / "index.html").is_file()
-    summary = json.loads((tmp_path / "report" / "summary.json").read_text(encoding="utf-8"))
-    assert len(summary["checks"]) == 35 and all(c["success"] and c["unexpected_count"] == 0 for c in summary["checks"])
-    assert {c["split"] for c in summary["checks"]} == {"train", "eval"}
+    assert outcome.rows == {"train": 60, "eval": 20, "domain_corpus": 30, "domain_eval": 10, "general_eval": 10}
+    by_dataset: dict[str, list[dict]] = {}
+    for check in outcome.checks:
+        by_dataset.setdefault(check["dataset"], []).append(check)
+    assert {c["rule"] for c in by_dataset["eval"]} >= {"required", "type", "choices_count", "answer_in_range",
+                                                       "max_length", "trainable_tokens", "stop_token", "leakage",
+                                                       "duplicate_exact", "pii"}
+    # Data Docs: one validation page per dataset, every expectation rendered (by its description) with a
+    # success mark; the index links them all.
+    assert (root / "report/index.html").is_file()
+    for name, checks in by_dataset.items():
+        [page] = (root / "report/validations").glob(f"{name}_*/**/*.html")
+        html = page.read_text(encoding="utf-8")
+        text = unescape(re.sub(r"<[^>]+>", "", html))
+        for check in checks:
+            assert check["description"] in text, (name, check)
+        assert html.count("fa-check-circle text-success") >= len(checks)
+        assert "text-danger" not in html
+    s = outcome.stats["train"]
+    assert s["tokens"]["min"] <= s["tokens"]["median"] <= s["tokens"]["p95"] <= s["tokens"]["max"] <= 256
+    assert 0 < s["trainable_share"] < 0.1  # the answer and its end token, out of ~100 tokens
 
 
-def _set(line: int, key: str, value):
-    def mutate(rows):
-        rows[line - 1][key] = value
-    return mutate
+def test_label_audit_shows_the_trained_tokens(root):
+    outcome, _ = validate_datasets(params_for(root), root / "report")
+    audit = (root / "report/label_audit.md").read_text(encoding="utf-8")
+    first = rows(root / "data/train.jsonl")[0]
+    assert f"⟦{first['answer']}<|eot_id|>⟧" in audit  # only the answer and the end-of-turn token
+    assert audit.count("\n### ") == 6 and outcome.fingerprint in audit  # 3 examples per chat dataset
 
 
-def _drop_choice(rows):
-    rows[2]["choices"] = rows[2]["choices"][:4]
-
-
-def _duplicate_id(rows):
-    rows[5]["id"] = rows[4]["id"]
-
-
-def _drop_question(rows):
-    del rows[10]["question"]
-
-
-def _blank_choice(rows):
-    rows[7]["choices"][1] = " "
-
-
-# (train mutation, line that must be named, rule, detail)
-CONTENT_CASES = {
-    "answer_out_of_range": (_set(17, "answer", 7), 17, "expect_column_values_to_be_between on answer",
-                            "value 7 not in 1..5"),
-    "answer_not_int": (_set(4, "answer", "3"), 4, "expect_column_values_to_be_in_set on answer", 'got string "3"'),
-    "four_choices": (_drop_choice, 3, "expect_column_values_to_be_between on choices", "4 choices, expected 5"),
-    "empty_choice": (_blank_choice, 8, "expect_column_values_to_be_between on choices", "non-empty string"),
-    "duplicate_id": (_duplicate_id, 6, "expect_column_values_to_be_unique on id", "duplicate id, on lines 5, 6"),
-    "null_passage": (_set(9, "passage", None), 9, "expect_column_values_to_not_be_null on passage", "value is null"),
-    "empty_passage": (_set(10, "passage", "  \n "), 10, "expect_column_values_to_be_between on passage", "empty"),
-    "missing_question": (_drop_question, 11, "expect_column_values_to_not_be_null on question", "field missing"),
-}
-
-
-@pytest.mark.parametrize("case", CONTENT_CASES)
-def test_broken_train_fails_naming_file_line_id_and_rule(case, data, tmp_path):
-    mutate, line, rule, detail = CONTENT_CASES[case]
-    train, eval_ = data
-    rows = records(train)
-    mutate(rows)
-    write(train, rows)
-    outcome = run(train, eval_, tmp_path)
+def test_label_audit_fails_a_template_that_masks_everything(root):
+    # A template that never renders the assistant's answer: nothing would be learned.
+    template = root / "drops_answers.jinja"
+    template.write_text("{{ bos_token }}{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}"
+                        "{{ eos_token }}{% endif %}{% endfor %}", encoding="utf-8")
+    outcome, _ = validate_datasets(params_for(root, task={"chat_template": str(template)}), root / "report")
     assert not outcome.success
-    messages = [v["message"] for v in outcome.violations]
-    expected = f"{train}:{line} (id {rows[line - 1]['id']}): {rule}: "
-    assert any(m.startswith(expected) and detail in m for m in messages), messages
-    assert all(m.startswith(str(train)) for m in messages), messages  # nothing else is flagged
-    assert outcome.metrics()["failed"] >= 1
-    assert (tmp_path / "report" / "index.html").is_file()  # Data Docs show the failure too
+    rules = {v["rule"] for v in outcome.violations}
+    assert rules == {"trainable_tokens"}
+    assert sum(v["rule"] == "trainable_tokens" for v in outcome.violations) == 80  # every train and eval example
+    assert outcome.violations[0]["message"].endswith(
+        "trainable_tokens on labels: no trainable token after templating and masking: the loss would ignore this example")
 
 
-def test_eval_item_copied_into_train_fails(data, tmp_path):
-    train, eval_ = data
-    train_rows, eval_rows = records(train), records(eval_)
+def test_an_answer_without_a_stop_token_fails_the_audit(root):
+    template = root / "no_eos.jinja"  # renders answers but never an end-of-turn or EOS after them
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}", encoding="utf-8")
+    outcome, _ = validate_datasets(params_for(root, task={"chat_template": str(template)}), root / "report")
+    assert {v["rule"] for v in outcome.violations} == {"stop_token"}
+    assert "not a stop token (<|eot_id|>): the model would not learn to stop" in outcome.violations[0]["message"]
+
+
+def test_severity_warn_reports_without_stopping(root):
+    train = root / "data/train.jsonl"
+    items = rows(train)
+    write(train, items + [dict(items[3], id="copy-of-4", passage=items[3]["passage"].upper())])
+    failed, _ = validate_datasets(params_for(root, validate={"severity": {"duplicate_normalised": "error"}}),
+                                  root / "r1")
+    assert [v["rule"] for v in failed.violations] == ["duplicate_normalised", "duplicate_normalised"]
+    warned, _ = validate_datasets(params_for(root), root / "r2")  # default: warn
+    assert warned.success and [w["rule"] for w in warned.warnings] == ["duplicate_normalised"] * 2
+    assert f"{train}:61 (id copy-of-4): duplicate_normalised on record" in warned.warnings[1]["message"]
+
+
+def test_overlong_examples_stop_or_are_dropped(root, tmp_path):
+    passed, _ = validate_datasets(params_for(root), root / "r0")
+    limit = int(passed.stats["train"]["tokens"]["median"])  # about half the examples are longer
+    stopped, _ = validate_datasets(params_for(root, sft={"max_length": limit}), root / "r1")
+    assert not stopped.success and {v["rule"] for v in stopped.violations} == {"max_length"}
+    assert re.search(rf"train\.jsonl:\d+ \(id mcq-\d+\): max_length on tokens: \d+ tokens > sft.max_length={limit}",
+                     stopped.violations[0]["message"])
+    params = params_for(root, sft={"max_length": limit}, validate={"overlong": "drop"})
+    dropped, splits = validate_datasets(params, root / "r2")
+    assert dropped.success and not dropped.violations
+    assert {w["rule"] for w in dropped.warnings} == {"max_length"}
+    n_dropped = len(dropped.dropped["train"])
+    assert 0 < n_dropped < 60
+    write_processed(splits, params, dropped, tmp_path / "processed")
+    manifest = json.loads((tmp_path / "processed/manifest.json").read_text(encoding="utf-8"))
+    assert manifest["rows"]["train"] == 60 - n_dropped and manifest["dropped"]["train"] == dropped.dropped["train"]
+    assert len((tmp_path / "processed/train.jsonl").read_text(encoding="utf-8").splitlines()) == 60 - n_dropped
+
+
+def test_an_eval_item_copied_into_train_is_leakage(root):
+    train, eval_ = root / "data/train.jsonl", root / "data/eval.jsonl"
+    train_rows, eval_rows = rows(train), rows(eval_)
     # Case and whitespace changes do not hide a copy: the rule compares normalised text.
     copied = dict(eval_rows[2], id="copied-1", passage="  " + eval_rows[2]["passage"].upper().replace(" ", "   "))
     write(train, train_rows + [copied])
-    outcome = run(train, eval_, tmp_path)
+    outcome, _ = validate_datasets(params_for(root), root / "report")
     assert [v["message"] for v in outcome.violations] == [
-        f"{eval_}:3 (id {eval_rows[2]['id']}): expect_column_values_to_not_be_in_set on passage+question: "
-        f"normalised passage+question also in train at {train}:{len(train_rows) + 1} (id copied-1)"]
+        f"{eval_}:3 (id {eval_rows[2]['id']}): leakage on prompt: the prompt also appears in train at "
+        f"{train}:61 (id copied-1)"]
 
 
-def _truncate_line_5(path: Path) -> None:
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    lines[4] = lines[4][: len(lines[4]) // 2] + "\n"
-    path.write_text("".join(lines), encoding="utf-8")
+def test_pii_is_a_warning_by_default(root):
+    train = root / "data/train.jsonl"
+    items = rows(train)
+    items[4]["passage"] += " 연락처: kim@example.com, 010-1234-5678"
+    write(train, items)
+    outcome, _ = validate_datasets(params_for(root), root / "report")
+    assert outcome.success
+    assert [w["message"].split(": ", 2)[-1] for w in outcome.warnings] == [
+        "contains an e-mail address: kim@example.com", "contains a phone number: 010-1234-5678"]
 
 
-# (how to break train.jsonl, expected message after the file name)
-FILE_CASES = {
-    "truncated_json_line": (_truncate_line_5, ":5: not valid JSON"),
-    "missing_file": (lambda p: p.unlink(), ": file not found"),
-    "empty_file": (lambda p: p.write_text("\n\n", encoding="utf-8"), ": no records (empty file)"),
-    "bad_utf8": (lambda p: p.write_bytes(p.read_bytes() + b'{"id": "\xff"}\n'), ":61: not valid UTF-8"),
-    "not_an_object": (lambda p: p.write_text(p.read_text(encoding="utf-8") + "[1, 2]\n", encoding="utf-8"),
-                      ":61: each line must be a JSON object"),
-}
-
-
-@pytest.mark.parametrize("case", FILE_CASES)
-def test_malformed_file_fails_before_gx(case, data, tmp_path):
-    breaker, expected = FILE_CASES[case]
-    train, eval_ = data
-    breaker(train)
-    outcome = run(train, eval_, tmp_path)
-    assert not outcome.success and outcome.checks == []  # caught by read_jsonl, no suite ran
-    assert [v["message"] for v in outcome.violations][0].startswith(f"{train}{expected}")
-    assert json.loads((tmp_path / "report" / "summary.json").read_text(encoding="utf-8"))["success"] is False
-
-
-def test_both_unreadable_files_are_reported(tmp_path):
-    outcome = run(tmp_path / "no_train.jsonl", tmp_path / "no_eval.jsonl", tmp_path)
-    files = [v["file"] for v in outcome.violations]
-    assert files == [str(tmp_path / "no_train.jsonl"), str(tmp_path / "no_eval.jsonl")]
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory) -> str:
-    """One sqlite store for both entry-point runs: its tables are created once."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-def run_stage(tmp_path: Path, train_rows: list[dict], eval_src: Path, mlflow_uri: str) -> subprocess.CompletedProcess:
-    """`python -m pipeline.validate` in a temp project whose params.yaml points at the given data."""
-    (tmp_path / "data").mkdir()
-    write(tmp_path / "data" / "train.jsonl", train_rows)
-    shutil.copy(eval_src, tmp_path / "data" / "eval.jsonl")
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["data"].update(train="data/train.jsonl", eval="data/eval.jsonl")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+def run_entry_point(root: Path, mlflow_uri: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline.validate` in root with a params.yaml pointing at root's data."""
+    raw = params_for(root).model_dump(by_alias=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_uri}
-    return subprocess.run([sys.executable, "-m", "pipeline.validate"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pipeline.validate"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
-def test_entry_point_good_data(sample_dir, tmp_path, mlflow_uri):
-    proc = run_stage(tmp_path, records(sample_dir / "train.jsonl"), sample_dir / "eval.jsonl", mlflow_uri)
+def test_entry_point_writes_processed_data_only_when_the_gate_passes(root, tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    proc = run_entry_point(root, uri)
     assert proc.returncode == 0, proc.stderr
-    assert "35/35 expectations passed" in proc.stdout
-    assert (tmp_path / "reports" / "validation" / "index.html").is_file()
-    metrics = json.loads((tmp_path / "metrics" / "validation.json").read_text(encoding="utf-8"))
-    assert metrics["success"] is True and metrics["train_rows"] == 60
+    assert re.search(r"(\d+)/\1 expectations passed, 0 errors", proc.stdout)
+    processed = {p.name: p.read_bytes() for p in (root / "data/processed").iterdir()}
+    assert set(processed) == {"train.jsonl", "eval.jsonl", "domain_corpus.jsonl", "domain_eval.jsonl",
+                              "general_eval.jsonl", "manifest.json"}
 
+    items = rows(root / "data/train.jsonl")
+    items[16]["answer"] = 7
+    write(root / "data/train.jsonl", items)
+    proc = run_entry_point(root, uri)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (f"error: {root}/data/train.jsonl:17 (id {items[16]['id']}): answer_in_range on answer: "
+            "answer 7 not in 1..5") in proc.stderr
+    assert {p.name: p.read_bytes() for p in (root / "data/processed").iterdir()} == processed  # untouched
+    assert json.loads((root / "metrics/validation.json").read_text(encoding="utf-8"))["success"] is False
+    from mlflow import MlflowClient
 
-def test_entry_point_bad_data_exits_nonzero_with_message(sample_dir, tmp_path, mlflow_uri):
-    rows = records(sample_dir / "train.jsonl")
-    rows[16]["answer"] = 7
-    proc = run_stage(tmp_path, rows, sample_dir / "eval.jsonl", mlflow_uri)
-    assert proc.returncode == 1
-    assert (f"error: data/train.jsonl:17 (id {rows[16]['id']}): expect_column_values_to_be_between on answer: "
-            "value 7 not in 1..5") in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert json.loads((tmp_path / "metrics" / "validation.json").read_text(encoding="utf-8"))["success"] is False
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("finetune-pipeline").experiment_id],
+                                         filter_string="tags.stage = 'validate'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]

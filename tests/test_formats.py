@@ -1,0 +1,258 @@
+"""The five dataset formats: readers and rules in isolation, then each format end to end
+(validate → dapt/sft → evaluate) on a tiny model, driven only by a params.yaml, through the stages' main()."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.base import build_tiny_base
+from pipeline.config import TaskParams, TinyModelParams, load_params
+from pipeline.data import DataError, Record, read_records
+from pipeline.formats import answer_index, structure_problems, to_example
+from pipeline.sample_data import generate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = TinyModelParams(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
+                       max_position_embeddings=256)
+TASK = TaskParams(system_prompt="Answer.", user_template="{passage}\n{question}\n{choices}")
+
+
+# ---------------------------------------------------------------- readers and rules, no model
+
+
+def test_readers_accept_jsonl_json_parquet_text_and_shard_directories(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": "가"}, {"text": "b"}]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (shards / "b.json").write_text(json.dumps(rows), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(rows), shards / "c.parquet")
+    (shards / "d.txt").write_text("가\n\nb\n", encoding="utf-8")
+    records = read_records(shards)
+    assert [r.value["text"] for r in records] == ["가", "b"] * 4
+    assert [r.where() for r in records][::2] == [f"{shards}/a.jsonl:1", f"{shards}/b.json[0]", f"{shards}/c.parquet[0]",
+                                                 f"{shards}/d.txt:1"]
+    assert records[-1].where() == f"{shards}/d.txt:3"  # line numbers count blank lines
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "empty file"),
+    (b"\n\n", "no records"),
+    (b'{"a": 1}\n{"a": \n', ":2: not valid JSON"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", ":1: not valid UTF-8 (invalid start byte at byte 0 of the line); a binary file?"),
+    (b'{"a": 1}\n\x00\x00\x00\n', ":2: contains NUL bytes; this looks like a binary file"),
+    (b'{"a": "\xff"}\n', ":1: not valid UTF-8"),
+    (b"[1, 2]\n", ":1: each line must be a JSON object, got list"),
+])
+def test_unreadable_jsonl_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="x.jsonl") as exc:
+        read_records(path)
+    assert message in str(exc.value)
+
+
+def test_an_over_long_line_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "big.jsonl"
+    with path.open("wb") as f:  # sparse: 2 GiB of line, no disk used
+        f.write(b'{"text": "')
+        f.seek(2 * 1024**3)
+        f.write(b'"}\n')
+    with pytest.raises(DataError, match=r"big.jsonl:1: line longer than 1,000,000 bytes"):
+        read_records(path, max_record_bytes=1_000_000)
+
+
+@pytest.mark.parametrize(("answer", "choices", "expected"), [
+    (2, ["a", "b"], (2, None)),
+    ("b", ["a", "b"], (2, None)),
+    (" 1 ", ["a", "b"], (1, None)),
+    (3, ["a", "b"], (None, "answer 3 not in 1..2")),
+    ("c", ["a", "b"], (None, "answer 'c' is neither")),
+    ("2", ["2", "x"], (None, "ambiguous")),  # choice 1's text and the number of choice 2
+])
+def test_answer_is_an_index_or_exactly_one_choice_text(answer, choices, expected):
+    index, problem = answer_index(answer, choices)
+    assert index == expected[0]
+    assert (problem is None) if expected[1] is None else expected[1] in problem
+
+
+@pytest.mark.parametrize(("fmt", "value", "rule"), [
+    ("mcq", {"passage": "p", "question": "q", "choices": ["a"], "answer": 1}, "choices_count"),
+    ("mcq", {"passage": "p", "question": "q", "choices": ["a", "A "], "answer": 1}, "choices_distinct"),
+    ("mcq", {"passage": "p", "question": "q", "choices": "a,b", "answer": 1}, "type"),
+    ("mcq", {"passage": " ", "question": "q", "choices": ["a", "b"], "answer": 1}, "non_empty"),
+    ("mcq", {"passage": "p", "question": "q", "choices": ["a", "b"], "answer": float("nan")}, "type"),
+    ("messages", {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}, "roles_known"),
+    ("messages", {"messages": [{"role": "user", "content": "hi"}]}, "ends_with_assistant"),
+    ("messages", {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "s"},
+                               {"role": "assistant", "content": "x"}]}, "system_first"),
+    ("messages", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                               {"role": "assistant", "content": "x"}]}, "alternation"),
+    ("messages", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]},
+     "assistant_non_empty"),
+    ("messages", {"messages": [{"role": "user", "content": "a\udc80"}, {"role": "assistant", "content": "x"}]}, "utf8"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "x"}]}, "roles_known"),
+    ("alpaca", {"instruction": "do"}, "required"),
+])
+def test_structure_rules(fmt, value, rule):
+    assert rule in structure_problems(value, fmt).found
+
+
+def test_every_chat_format_normalises_to_the_same_messages():
+    record = lambda value: Record("f.jsonl", 1, True, value)  # noqa: E731
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert to_example(record({"messages": msgs}), "messages", TASK).messages == msgs
+    assert to_example(record({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
+                      "sharegpt", TASK).messages == msgs
+    assert to_example(record({"instruction": "q", "output": "a"}), "alpaca", TASK).messages == msgs
+    assert to_example(record({"instruction": "q", "input": "x", "output": "a"}), "alpaca",
+                      TASK).messages[0]["content"] == "q\n\nx"
+    mcq = to_example(record({"passage": "p", "question": "q", "choices": ["a", "b"], "answer": "b"}), "mcq", TASK)
+    assert mcq.messages == [{"role": "system", "content": "Answer."}, {"role": "user", "content": "p\nq\n1. a\n2. b"},
+                            {"role": "assistant", "content": "2"}]
+    assert mcq.answer == 2 and mcq.source == "f.jsonl:1"
+
+
+# ---------------------------------------------------------------- each format end to end on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Sample MCQ data, a tiny base, and one MLflow store shared by the format runs."""
+    root = tmp_path_factory.mktemp("formats")
+    params = load_params(REPO / "params.yaml")
+    sample = params.sample_data.model_copy(update={"n_train": 40, "n_eval": 10, "n_domain_lines": 200,
+                                                   "n_heldout_lines": 20})
+    generate(sample, 5, params.seed, root / "sample")
+    examples = [to_example(r, "mcq", params.task) for r in read_records(root / "sample/train.jsonl")]
+    texts = [m["content"] for e in examples for m in e.messages]
+    texts += [r.value["text"] for r in read_records(root / "sample/domain_train.txt")]
+    build_tiny_base(texts, TINY, params.seed, root / "base")
+    return root
+
+
+def mcq_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def as_format(rows: list[dict], fmt: str) -> list[dict]:
+    """The sample MCQ items in another chat format (the same conversations)."""
+    task = load_params(REPO / "params.yaml").task
+    out = []
+    for row in rows:
+        messages = to_example(Record("x", 1, True, row), "mcq", task).messages
+        if fmt == "messages":
+            out.append({"id": row["id"], "messages": messages})
+        elif fmt == "sharegpt":
+            names = {"system": "system", "user": "human", "assistant": "gpt"}
+            out.append({"id": row["id"], "conversations": [{"from": names[m["role"]], "value": m["content"]}
+                                                           for m in messages]})
+        elif fmt == "alpaca":
+            out.append({"id": row["id"], "instruction": messages[0]["content"], "input": messages[1]["content"],
+                        "output": messages[2]["content"]})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def project_for(fmt: str, tiny: Path, root: Path) -> dict:
+    """Data files in `fmt` (and in varied file types) plus the params that point at them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sample, data = tiny / "sample", root / "data"
+    data.mkdir(parents=True)
+    train, eval_ = mcq_rows(sample / "train.jsonl"), mcq_rows(sample / "eval.jsonl")
+    datasets = {name: {"path": str(sample / f"{file}.txt"), "format": "text"}
+                for name, file in (("domain_corpus", "domain_train"), ("domain_eval", "domain_eval"),
+                                   ("general_eval", "general_eval"))}
+    if fmt in ("mcq", "text"):
+        datasets |= {"train": {"path": str(sample / "train.jsonl"), "format": "mcq"},
+                     "eval": {"path": str(sample / "eval.jsonl"), "format": "mcq"}}
+    if fmt == "text":  # DAPT corpus as a directory of .txt and .jsonl shards; held-out text as Parquet
+        lines = (sample / "domain_train.txt").read_text(encoding="utf-8").splitlines()
+        (data / "corpus").mkdir()
+        (data / "corpus/part-0.txt").write_text("\n".join(lines[:100]) + "\n", encoding="utf-8")
+        write_jsonl(data / "corpus/part-1.jsonl", [{"text": t} for t in lines[100:]])
+        held = (sample / "domain_eval.txt").read_text(encoding="utf-8").splitlines()
+        pq.write_table(pa.Table.from_pylist([{"text": t} for t in held]), data / "domain_eval.parquet")
+        datasets |= {"domain_corpus": {"path": str(data / "corpus"), "format": "text"},
+                     "domain_eval": {"path": str(data / "domain_eval.parquet"), "format": "text"}}
+    if fmt == "messages":  # train JSONL, eval a JSON array
+        write_jsonl(data / "train.jsonl", as_format(train, fmt))
+        (data / "eval.json").write_text(json.dumps(as_format(eval_, fmt), ensure_ascii=False), encoding="utf-8")
+        datasets |= {"train": {"path": str(data / "train.jsonl"), "format": fmt},
+                     "eval": {"path": str(data / "eval.json"), "format": fmt}}
+    if fmt == "alpaca":  # train Parquet
+        pq.write_table(pa.Table.from_pylist(as_format(train, fmt)), data / "train.parquet")
+        write_jsonl(data / "eval.jsonl", as_format(eval_, fmt))
+        datasets |= {"train": {"path": str(data / "train.parquet"), "format": fmt},
+                     "eval": {"path": str(data / "eval.jsonl"), "format": fmt}}
+    if fmt == "sharegpt":  # train as two JSONL shards
+        rows = as_format(train, fmt)
+        write_jsonl(data / "train/shard-0.jsonl", rows[:20])
+        write_jsonl(data / "train/shard-1.jsonl", rows[20:])
+        write_jsonl(data / "eval.jsonl", as_format(eval_, fmt))
+        datasets |= {"train": {"path": str(data / "train"), "format": fmt},
+                     "eval": {"path": str(data / "eval.jsonl"), "format": fmt}}
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    raw["data"] = datasets
+    raw["base"]["out_dir"] = str(tiny / "base")
+    raw["base"]["tiny"] = TINY.model_dump()
+    raw["dapt"] |= {"enabled": fmt == "text", "max_steps": 15, "batch_size": 4, "block_size": 32}
+    raw["sft"] |= {"max_steps": 6, "batch_size": 4, "logging_steps": 2}
+    raw["evaluate"] |= {"max_eval_items": 6, "max_new_tokens": 4}
+    raw["mlflow"] |= {"tracking_uri": f"sqlite:///{tiny / 'mlflow.db'}", "artifact_root": str(tiny / "artifacts")}
+    return raw
+
+
+@pytest.mark.parametrize("fmt", ["mcq", "messages", "alpaca", "sharegpt", "text"])
+def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import dapt, evaluate, sft, validate
+    from pipeline.modeling import template_fingerprint
+
+    raw = project_for(fmt, tiny, tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PIPELINE_RUN_KEY", f"formats-{fmt}")
+    for stage in (validate, dapt, sft, evaluate):
+        stage.main()
+
+    manifest = json.loads((tmp_path / "data/processed/manifest.json").read_text(encoding="utf-8"))
+    assert manifest["rows"]["train"] == 40 and manifest["rows"]["eval"] == 10
+    processed = [json.loads(line) for line in (tmp_path / "data/processed/train.jsonl").open(encoding="utf-8")]
+    assert processed[0]["messages"][-1]["role"] == "assistant"
+    assert processed[0]["source"].endswith(("train.jsonl:1", "train.parquet[0]", "shard-0.jsonl:1"))
+    adapter = tmp_path / "models/adapter"
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    assert template_fingerprint(tokenizer) == manifest["template_fingerprint"]  # travels with the adapter
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "base"), adapter)
+    metrics = json.loads((tmp_path / "metrics/eval.json").read_text(encoding="utf-8"))
+    assert metrics["n_items"] == 6
+    if fmt in ("mcq", "text"):
+        assert 0 <= metrics["tuned_accuracy"] <= 1 and "tuned_generation_em" in metrics
+    else:
+        assert metrics["tuned_answer_loss"] > 0 and 0 <= metrics["tuned_rougeL"] <= 1
+        assert "tuned_answer_ppl" in metrics and "base_rougeL" in metrics
+    assert 0 <= metrics["tuned_eos_rate"] <= 1
+    if fmt == "text":  # DAPT on the sharded corpus lowers held-out (Parquet) domain perplexity
+        assert (tmp_path / "models/dapt/model.safetensors").is_file()
+        assert metrics["dapt_ppl_domain"] < metrics["base_ppl_domain"]
+    else:
+        assert metrics["dapt_ppl_domain"] == metrics["base_ppl_domain"]  # DAPT off: the base is handed on
+    shutil.rmtree(tmp_path / "models")
