@@ -216,6 +216,18 @@ class Params(Strict):
     registry: RegisterParams = Field(alias="register")
     mlflow: MlflowParams
 
+    @model_validator(mode="after")
+    def _gate_metric_exists(self):
+        mcq_only = ("tuned_accuracy", "tuned_generation_em")
+        chat_only = ("tuned_rougeL", "tuned_answer_loss", "tuned_answer_ppl")
+        metric = self.registry.gate_metric
+        if self.data.eval.format != "mcq" and metric.startswith("tuned_accuracy"):
+            raise ValueError(f"register.gate_metric: {metric} needs an mcq eval set; use tuned_rougeL for "
+                             f"data.eval.format {self.data.eval.format}")
+        if self.data.eval.format == "mcq" and metric in chat_only:
+            raise ValueError(f"register.gate_metric: {metric} is computed for chat eval sets; use one of {mcq_only}")
+        return self
+
 
 class ParamsError(SystemExit):
     """Exit with a message a user can act on (no traceback)."""

@@ -80,6 +80,7 @@ def test_the_gate_passes_each_family_and_warns_about_mistral(models, tmp_path):
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     raw["data"] = {"train": {"path": str(train), "format": "messages"}, "eval": {"path": str(eval_), "format": "messages"},
                    **{k: {"path": str(text), "format": "text"} for k in ("domain_corpus", "domain_eval", "general_eval")}}
+    raw["register"]["gate_metric"] = "tuned_rougeL"
     for family in FAMILIES:
         raw["base"]["out_dir"] = str(models[family])
         outcome, _ = validate_datasets(Params.model_validate(raw), tmp_path / f"report-{family}")
@@ -111,3 +112,28 @@ def test_a_real_template_trains_a_loadable_adapter(family, models, tmp_path):
     saved = AutoTokenizer.from_pretrained(tmp_path / "adapter")
     assert template_fingerprint(saved) == template_fingerprint(tokenizer)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models[family]), tmp_path / "adapter")
+
+
+def test_eos_label_survives_when_pad_is_eos(models, tmp_path):
+    """Llama 3.1 has no pad token, so pad = EOS: padding must not mask the EOS labels (models that never stop)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.formats import Example
+    from pipeline.sft import training_rows
+
+    tokenizer = chat_tokenizer(models["llama3_1"])
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    examples = [Example(id="a", source="x:1", messages=[USER, ANSWER]),
+                Example(id="b", source="x:2", messages=[SYSTEM, USER, {"role": "assistant", "content": "긴 답 " * 5}])]
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(models["llama3_1"]),
+                         args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                        per_device_train_batch_size=2, dataloader_drop_last=False),
+                         train_dataset=Dataset.from_list(training_rows(examples, tokenizer)), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 2 and (batch["attention_mask"] == 0).any()  # one row is padded with EOS ids
+    for row in range(2):
+        labels = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert labels[-1] == tokenizer.eos_token_id  # the answer's EOS is still a label
+        assert labels.count(tokenizer.eos_token_id) == 1  # and the EOS-valued padding is not

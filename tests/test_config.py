@@ -40,6 +40,7 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["validate"]["severity"].update(roles_known="warn"), "validate.severity.roles_known"),
         (lambda r: r["validate"]["severity"].update(spelling="warn"), "validate.severity.spelling: unknown rule"),
         (lambda r: r["validate"].update(overlong="truncate"), "validate.overlong"),
+        (lambda r: r["data"]["eval"].update(format="messages"), "register.gate_metric: tuned_accuracy needs an mcq"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, capsys, mutate, key):

@@ -208,6 +208,8 @@ def project_for(fmt: str, tiny: Path, root: Path) -> dict:
                      "eval": {"path": str(data / "eval.jsonl"), "format": fmt}}
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     raw["data"] = datasets
+    if fmt not in ("mcq", "text"):
+        raw["register"]["gate_metric"] = "tuned_rougeL"
     raw["base"]["out_dir"] = str(tiny / "base")
     raw["base"]["tiny"] = TINY.model_dump()
     raw["dapt"] |= {"enabled": fmt == "text", "max_steps": 15, "batch_size": 4, "block_size": 32}
@@ -255,4 +257,30 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
         assert metrics["dapt_ppl_domain"] < metrics["base_ppl_domain"]
     else:
         assert metrics["dapt_ppl_domain"] == metrics["base_ppl_domain"]  # DAPT off: the base is handed on
+    if fmt == "mcq":
+        template_mismatch_is_refused(tmp_path, raw)
     shutil.rmtree(tmp_path / "models")
+
+
+def template_mismatch_is_refused(project: Path, raw: dict) -> None:
+    """Training and evaluation refuse a chat template other than the one the data was validated with."""
+    from pipeline import evaluate, sft, validate
+    from pipeline.data import DataError
+
+    adapter = (project / "models/adapter/adapter_model.safetensors").read_bytes()
+    other = project / "other.jinja"
+    other.write_text(base_template(raw["base"]["out_dir"]) + "{# edited #}", encoding="utf-8")
+    raw["task"]["chat_template"] = str(other)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(DataError, match="differs from the one data/processed/manifest.json was validated with"):
+        sft.main()
+    validate.main()  # the data validated under the new template; the adapter still carries the old one
+    with pytest.raises(DataError, match=r"evaluate \(models/adapter\): the chat template .* differs"):
+        evaluate.main()
+    assert (project / "models/adapter/adapter_model.safetensors").read_bytes() == adapter
+
+
+def base_template(model_dir: str) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).chat_template
