@@ -157,14 +157,31 @@ class LoraParams(Strict):
     alpha: int = Field(ge=1)
     dropout: float = Field(ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"]
+    use_rslora: bool = False
+
+
+class PromptTuningParams(Strict):
+    num_virtual_tokens: int = Field(ge=1)
+    init_text: str | None = None
 
 
 class SftParams(Strict):
     out_dir: str = "models/adapter"
+    method: Literal["lora", "dora", "prompt_tuning"] = "lora"
     quantization: Literal["nf4", "fp4", "int8", "none"]
     double_quant: bool
     compute_dtype: Literal["float32", "bfloat16", "float16"]
     lora: LoraParams
+    prompt_tuning: PromptTuningParams = PromptTuningParams(num_virtual_tokens=20)
+    neftune_noise_alpha: float | None = Field(default=None, gt=0)
+    packing: bool = False
+    packing_strategy: Literal["bfd", "wrapped"] = "bfd"
+    eval_steps: int | None = Field(default=None, ge=1)
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    save_steps: int | None = Field(default=None, ge=1)
+    checkpoint_dir: str = "checkpoints/sft"
+    resume: Literal["auto", "fresh"] = "auto"
+    max_memory_gb: float = Field(default=16.0, gt=0)
     max_steps: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     batch_size: int = Field(ge=1)
@@ -174,6 +191,18 @@ class SftParams(Strict):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"]
     gradient_checkpointing: bool
     logging_steps: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.early_stopping_patience is not None:
+            if self.eval_steps is None:
+                raise ValueError("sft.early_stopping_patience needs sft.eval_steps (it stops on the eval loss)")
+            if self.save_steps is None or self.save_steps % self.eval_steps:
+                raise ValueError("sft.early_stopping_patience needs sft.save_steps, a multiple of sft.eval_steps "
+                                 "(the best checkpoint is restored at the end)")
+        if self.method == "prompt_tuning" and self.packing:
+            raise ValueError("sft.packing does not work with sft.method prompt_tuning (virtual tokens per sequence)")
+        return self
 
 
 class EvaluateParams(Strict):

@@ -1,28 +1,48 @@
-"""Stage `sft`: QLoRA supervised fine-tuning with assistant-only loss on the chat template.
+"""Stage `sft`: supervised fine-tuning (QLoRA by default) with assistant-only loss on the chat template.
 
 The model (the DAPT output, or the base when DAPT is off) is loaded through bitsandbytes (nf4/fp4
 with optional double quant, or LLM.int8, or unquantized for plain LoRA), prepared with
-`prepare_model_for_kbit_training`, and trained with TRL's SFTTrainer and a peft LoraConfig.
+`prepare_model_for_kbit_training`, and trained with TRL's SFTTrainer and a peft config: LoRA
+(optionally rsLoRA), DoRA, or prompt tuning.
 
 Loss falls on the assistant turns only, for every template: the validated chats (data/processed)
 are tokenized here with `pipeline.chat.encode_chat`, which finds each answer span from the template's
 own rendering (real templates have no `{% generation %}` markers, and TRL cannot patch them all), and
 go to SFTTrainer pre-tokenized with their `assistant_masks`. The label audit in the validate stage
 ran the same function. The chat template must be the one the data was validated with (fingerprint).
+
+Before any weight is loaded, a preflight (pipeline/preflight.py) prints parameter counts, a memory
+estimate and token counts, and stops when the estimate exceeds `sft.max_memory_gb`.
+
+Checkpoints (every `sft.save_steps`) go to `sft.checkpoint_dir` with the identity of the run (params,
+data and base hashes): rerunning after a crash resumes from the last one and ends with the same
+adapter bytes as an uninterrupted run; a checkpoint of another run is refused (or, with
+`sft.resume: fresh`, discarded). Held-out loss and answer-token accuracy are measured every
+`sft.eval_steps` (optionally with early stopping). Under `torchrun --nproc_per_node N` the same
+params train data-parallel (gloo on CPUs); only rank 0 writes and logs.
+
 The output is an adapter directory (with the tokenizer and template) that plain
 `PeftModel.from_pretrained` loads.
 """
 
 from __future__ import annotations
 
-import tempfile
+import contextlib
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 
 from pipeline.chat import chat_tokenizer, encode_chat, require_fingerprint
-from pipeline.config import Params, load_params, run_cli
+from pipeline.config import Params, SftParams, load_params, run_cli
+from pipeline.data import DataError
 from pipeline.formats import Example, read_examples
-from pipeline.modeling import load_causal_lm, save_atomically
+from pipeline.modeling import load_causal_lm, model_fingerprint, resolve_model, save_atomically
+from pipeline.preflight import check_budget, preflight
 from pipeline.tracking import log_loss_curve, loss_history, stage_run
+
+IDENTITY = "run_identity.json"
 
 
 def training_rows(examples: list[Example], tokenizer) -> list[dict]:
@@ -31,12 +51,75 @@ def training_rows(examples: list[Example], tokenizer) -> list[dict]:
             for e in examples for enc in encode_chat(tokenizer, e.messages)]
 
 
-def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: Params, out_dir: Path) -> list[dict]:
-    """Train a LoRA adapter on the items and save it (atomically) to out_dir; return the loss log."""
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def peft_config(sft: SftParams, model_dir: Path):
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
+
+    if sft.method == "prompt_tuning":
+        init = sft.prompt_tuning.init_text
+        return PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=sft.prompt_tuning.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT if init else PromptTuningInit.RANDOM,
+            prompt_tuning_init_text=init, tokenizer_name_or_path=resolve_model(model_dir)[0] if init else None)
+    return LoraConfig(r=sft.lora.r, lora_alpha=sft.lora.alpha, lora_dropout=sft.lora.dropout,
+                      target_modules=sft.lora.target_modules, use_rslora=sft.lora.use_rslora,
+                      use_dora=sft.method == "dora", bias="none", task_type="CAUSAL_LM")
+
+
+def run_identity(params: Params, model_dir: Path, data_files: list[Path]) -> dict:
+    """What a checkpoint must match to be resumed: the training params, the data and the base."""
+    relevant = {"seed": params.seed, "sft": params.sft.model_dump(exclude={"resume", "checkpoint_dir", "out_dir"}),
+                "chat_template": params.task.chat_template}
+    name, revision = resolve_model(model_dir)
+    return {"params_sha256": hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest(),
+            "data_sha256": hashlib.sha256(b"".join(f.read_bytes() for f in data_files)).hexdigest(),
+            "base": f"{model_fingerprint(name)}@{revision}"}
+
+
+def resume_point(checkpoint_dir: Path, identity: dict, resume: str) -> str | None:
+    """The checkpoint to resume from, None to start fresh; refuses a checkpoint of another run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume == "fresh" or not checkpoint_dir.is_dir():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return None
+    stored = checkpoint_dir / IDENTITY
+    last = get_last_checkpoint(str(checkpoint_dir))
+    if last is None:
+        return None
+    found = json.loads(stored.read_text(encoding="utf-8")) if stored.is_file() else {}
+    changed = [k for k in identity if found.get(k) != identity[k]]
+    if changed:
+        raise DataError(f"{checkpoint_dir}: the checkpoints were written by a run with different "
+                        f"{', '.join(k.removesuffix('_sha256') for k in changed)}; resuming would mix two runs. "
+                        "Set sft.resume: fresh (or delete the directory) to start over")
+    return last
+
+
+def answer_accuracy(eval_pred) -> dict:
+    """Share of answer tokens predicted exactly (the labels that are not -100), from argmax ids."""
+    predictions, labels = eval_pred
+    predictions = predictions[:, predictions.shape[1] - labels.shape[1]:]  # prompt tuning prepends virtual tokens
+    shifted_pred, shifted_labels = predictions[:, :-1], labels[:, 1:]
+    mask = shifted_labels != -100
+    return {"answer_token_accuracy": float((shifted_pred[mask] == shifted_labels[mask]).mean()) if mask.any() else 0.0}
+
+
+def argmax_logits(logits, labels):
+    return logits.argmax(dim=-1)  # keeps evaluation memory at batch × length, not × vocab
+
+
+def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: Params, out_dir: Path,
+                  eval_examples: list[Example] | None = None, checkpoint_dir: Path | None = None,
+                  identity: dict | None = None, callbacks: list | None = None) -> dict:
+    """Train an adapter and save it (atomically) to out_dir; return the train and eval loss logs."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import set_seed
+    from peft import prepare_model_for_kbit_training
+    from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     sft = params.sft
@@ -44,61 +127,112 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     set_seed(params.seed)
     # data: pre-tokenized with the assistant-only masks
     dataset = Dataset.from_list(training_rows(examples, tokenizer))
-    # model: quantized base + LoRA
+    eval_dataset = Dataset.from_list(training_rows(eval_examples, tokenizer)) if eval_examples and sft.eval_steps else None
+    # model: quantized base + adapter
     model = load_causal_lm(model_dir, sft.quantization, sft.double_quant, sft.compute_dtype)
     if sft.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=sft.gradient_checkpointing)
-    peft_config = LoraConfig(
-        r=sft.lora.r, lora_alpha=sft.lora.alpha, lora_dropout=sft.lora.dropout,
-        target_modules=sft.lora.target_modules, bias="none", task_type="CAUSAL_LM",
-    )
     # trainer
-    with tempfile.TemporaryDirectory(prefix="sft-") as work:
-        config = SFTConfig(
-            output_dir=work,
-            max_steps=sft.max_steps,
-            per_device_train_batch_size=sft.batch_size,
-            gradient_accumulation_steps=sft.gradient_accumulation_steps,
-            learning_rate=sft.learning_rate,
-            lr_scheduler_type=sft.lr_scheduler,
-            warmup_steps=sft.warmup_ratio,
-            max_length=sft.max_length,
-            gradient_checkpointing=sft.gradient_checkpointing,
-            bf16=sft.compute_dtype == "bfloat16",
-            fp16=sft.compute_dtype == "float16",
-            use_cpu=not torch.cuda.is_available(),
-            logging_steps=sft.logging_steps,
-            save_strategy="no",
-            report_to="none",
-            seed=params.seed,
-            data_seed=params.seed,
-        )
-        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config)
-        trainable, total = trainer.model.get_nb_trainable_parameters()
-        print(f"sft: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-        trainer.train()
+    work = Path(checkpoint_dir) if checkpoint_dir else Path(out_dir).parent / f".{Path(out_dir).name}-work"
+    resume = resume_point(work, identity or {}, sft.resume) if sft.save_steps else None
+    work.mkdir(parents=True, exist_ok=True)
+    if identity is not None and is_main_process():
+        (work / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    config = SFTConfig(
+        output_dir=str(work),
+        max_steps=sft.max_steps,
+        per_device_train_batch_size=sft.batch_size,
+        per_device_eval_batch_size=sft.batch_size,
+        gradient_accumulation_steps=sft.gradient_accumulation_steps,
+        learning_rate=sft.learning_rate,
+        lr_scheduler_type=sft.lr_scheduler,
+        warmup_steps=sft.warmup_ratio,
+        max_length=sft.max_length,
+        packing=sft.packing,
+        packing_strategy=sft.packing_strategy,
+        neftune_noise_alpha=sft.neftune_noise_alpha,
+        gradient_checkpointing=sft.gradient_checkpointing,
+        bf16=sft.compute_dtype == "bfloat16",
+        fp16=sft.compute_dtype == "float16",
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        logging_steps=sft.logging_steps,
+        eval_strategy="steps" if eval_dataset is not None else "no",
+        eval_steps=sft.eval_steps,
+        save_strategy="steps" if sft.save_steps else "no",
+        save_steps=sft.save_steps or 500,
+        save_total_limit=2 if sft.early_stopping_patience is None else None,
+        load_best_model_at_end=sft.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss",
+        report_to="none",
+        seed=params.seed,
+        data_seed=params.seed,
+        disable_tqdm=not is_main_process(),
+    )
+    callbacks = list(callbacks or []) + ([EarlyStoppingCallback(sft.early_stopping_patience)]
+                                         if sft.early_stopping_patience else [])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=peft_config(sft, model_dir), callbacks=callbacks,
+                         compute_metrics=answer_accuracy if eval_dataset is not None else None,
+                         preprocess_logits_for_metrics=argmax_logits if eval_dataset is not None else None)
+    # TRL casts a quantized model's adapter to bf16 (QLoRA paper, a GPU memory saving), but a resumed run
+    # reloads the checkpointed adapter in fp32 (peft's autocast_adapter_dtype), so an interrupted run
+    # would end with other bytes (measured: max |diff| ~1e-3 after 8 steps). The adapter's master weights
+    # stay fp32 in every run; compute still runs in sft.compute_dtype.
+    for param in trainer.model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    if is_main_process():
+        print(f"sft: {sft.method}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+              + (f"; resuming from {resume}" if resume else ""))
+    trainer.train(resume_from_checkpoint=resume)
     # save: only the adapter (+ tokenizer, so the chat template travels with it)
-    save_atomically(out_dir, trainer.model, tokenizer)
-    return loss_history(trainer)
+    if is_main_process():
+        save_atomically(out_dir, trainer.model, tokenizer)
+        shutil.rmtree(work, ignore_errors=True)  # finished: the checkpoints have served
+    history = trainer.state.log_history
+    return {"train": loss_history(trainer),
+            "eval": [{"step": e["step"], "loss": e["eval_loss"]} for e in history if "eval_loss" in e],
+            "eval_accuracy": [{"step": e["step"], "loss": e["eval_answer_token_accuracy"]}
+                              for e in history if "eval_answer_token_accuracy" in e]}
 
 
 def main() -> None:
     import mlflow
 
     params = load_params()
-    out_dir = Path(params.sft.out_dir)
+    sft = params.sft
+    out_dir, model_dir = Path(sft.out_dir), Path(params.dapt.out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    processed = params.validation.out_dir
-    examples = read_examples(processed, "train")
-    tokenizer = chat_tokenizer(params.dapt.out_dir, params.task.chat_template)
+    processed = Path(params.validation.out_dir)
+    examples, eval_examples = read_examples(processed, "train"), read_examples(processed, "eval")
+    tokenizer = chat_tokenizer(model_dir, params.task.chat_template)
     require_fingerprint(processed, tokenizer, "sft")
-    with stage_run(params, "sft"):
-        mlflow.log_params({f"sft.{k}": v for k, v in params.sft.model_dump().items() if k != "lora"})
-        mlflow.log_params({f"sft.lora.{k}": str(v) for k, v in params.sft.lora.model_dump().items()})
-        log = train_adapter(Path(params.dapt.out_dir), examples, tokenizer, params, out_dir)
-        log_loss_curve(log, "train_loss", Path("plots/sft_loss.csv"), "SFT training loss (answer tokens)")
-    print(f"sft: adapter written to {out_dir}; final loss {log[-1]['loss']:.3f}" if log else "sft: done")
+    # preflight: before any weight is loaded
+    lengths = [len(r["input_ids"]) for r in training_rows(examples, tokenizer)]
+    report = preflight(str(model_dir), sft, lengths, [len(r["input_ids"]) for r in training_rows(eval_examples, tokenizer)])
+    if is_main_process():
+        print(report.table())
+    check_budget(report, sft)
+    identity = run_identity(params, model_dir, [processed / "train.jsonl", processed / "eval.jsonl"])
+    run = stage_run(params, "sft") if is_main_process() else contextlib.nullcontext()
+    with run:
+        if is_main_process():
+            mlflow.log_params({f"sft.{k}": str(v) for k, v in sft.model_dump().items() if k not in ("lora", "prompt_tuning")})
+            mlflow.log_params({f"sft.lora.{k}": str(v) for k, v in sft.lora.model_dump().items()})
+            mlflow.log_params({f"preflight.{k}": v for k, v in report.as_dict().items()})
+        logs = train_adapter(model_dir, examples, tokenizer, params, out_dir, eval_examples,
+                             Path(sft.checkpoint_dir), identity)
+        if is_main_process():
+            log_loss_curve(logs["train"], "train_loss", Path("plots/sft_loss.csv"), "SFT training loss (answer tokens)")
+            log_loss_curve(logs["eval"], "eval_loss", Path("plots/sft_eval_loss.csv"), "SFT held-out loss (answer tokens)")
+            for entry in logs["eval_accuracy"]:
+                mlflow.log_metric("eval_answer_token_accuracy", entry["loss"], step=entry["step"])
+    if is_main_process():
+        final = logs["train"][-1]["loss"] if logs["train"] else float("nan")
+        print(f"sft: adapter written to {out_dir}; final loss {final:.3f}"
+              + (f", held-out loss {logs['eval'][-1]['loss']:.3f}" if logs["eval"] else ""))
 
 
 if __name__ == "__main__":

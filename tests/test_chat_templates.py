@@ -107,7 +107,7 @@ def test_a_real_template_trains_a_loadable_adapter(family, models, tmp_path):
     tokenizer = chat_tokenizer(models[family])
     examples = [Example(id=str(i), source=f"x:{i}", messages=[SYSTEM, USER, {"role": "assistant", "content": str(i)}])
                 for i in range(1, 5)]
-    log = train_adapter(models[family], examples, tokenizer, params, tmp_path / "adapter")
+    log = train_adapter(models[family], examples, tokenizer, params, tmp_path / "adapter")["train"]
     assert log and all(entry["loss"] > 0 for entry in log)
     saved = AutoTokenizer.from_pretrained(tmp_path / "adapter")
     assert template_fingerprint(saved) == template_fingerprint(tokenizer)

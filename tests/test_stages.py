@@ -106,7 +106,7 @@ def test_sft_writes_an_adapter_plain_peft_loads(tiny, tmp_path, quantization):
     params = params.model_copy(update={"sft": params.sft.model_copy(update={"quantization": quantization})})
     tokenizer = chat_tokenizer(root / "base")
     log = train_adapter(root / "base", examples(root / "data/train.jsonl", params), tokenizer, params,
-                        tmp_path / "adapter")
+                        tmp_path / "adapter")["train"]
     assert log and all(math.isfinite(e["loss"]) for e in log)
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert config["r"] == params.sft.lora.r

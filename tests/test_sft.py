@@ -1,0 +1,226 @@
+"""Stage `sft` in depth on a tiny model: every method yields an adapter plain peft loads, the stage is
+deterministic, a SIGKILLed run resumes to the same adapter bytes, preflight refuses an over-budget config,
+and two gloo processes (torchrun) train data-parallel with the same params."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.base import build_tiny_base
+from pipeline.config import TinyModelParams, load_params
+from pipeline.data import read_records
+from pipeline.formats import to_example
+from pipeline.sample_data import generate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = TinyModelParams(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
+                       max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project dir with a tiny base, validated data (data/processed) and params for short SFT runs."""
+    from pipeline import validate
+
+    root = tmp_path_factory.mktemp("sft")
+    params = load_params(REPO / "params.yaml")
+    generate(params.sample_data.model_copy(update={"n_train": 48, "n_eval": 12, "n_domain_lines": 40,
+                                                   "n_heldout_lines": 10}), 5, params.seed, root / "data")
+    texts = [m["content"] for r in read_records(root / "data/train.jsonl") for m in
+             to_example(r, "mcq", params.task).messages]
+    build_tiny_base(texts + [r.value["text"] for r in read_records(root / "data/domain_train.txt")], TINY,
+                    params.seed, root / "models/base")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    raw["data"] = {n: {"path": f"data/{f}", "format": fmt} for n, f, fmt in (
+        ("train", "train.jsonl", "mcq"), ("eval", "eval.jsonl", "mcq"), ("domain_corpus", "domain_train.txt", "text"),
+        ("domain_eval", "domain_eval.txt", "text"), ("general_eval", "general_eval.txt", "text"))}
+    raw["base"]["tiny"] = TINY.model_dump()
+    raw["dapt"]["out_dir"] = "models/base"  # DAPT off: train on the base directly
+    raw["sft"] |= {"max_steps": 24, "batch_size": 4, "logging_steps": 4, "eval_steps": 8, "save_steps": 8}
+    raw["mlflow"] |= {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_root": str(root / "artifacts")}
+    write_params(root, raw)
+    (root / "params.base.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        os.environ["PIPELINE_RUN_KEY"] = "sft-tests"
+        validate.main()
+    finally:
+        os.chdir(cwd)
+        os.environ.pop("PIPELINE_RUN_KEY", None)
+    return root
+
+
+def write_params(root: Path, raw: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def params_with(root: Path, **sft) -> dict:
+    """The module's params (never the last run's) with sft overrides."""
+    raw = yaml.safe_load((root / "params.base.yaml").read_text(encoding="utf-8"))
+    raw["sft"] |= sft
+    return raw
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_stage(root: Path, *launcher: str, out: str = "models/adapter", **sft) -> subprocess.Popen:
+    """`python -m pipeline.sft` (or under a launcher such as torchrun) in a copy of the project's params."""
+    write_params(root, params_with(root, out_dir=out, checkpoint_dir=f"checkpoints/{Path(out).name}", **sft))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_KEY": "sft-tests",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    cmd = [*launcher, "-m", "pipeline.sft"] if launcher else [sys.executable, "-m", "pipeline.sft"]
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_stage_is_deterministic_and_a_killed_run_resumes_to_the_same_adapter(project):
+    first = finish(run_stage(project, out="models/a"))
+    assert "preflight: estimated total" in first and "held-out loss" in first
+    reference = sha256(project / "models/a/adapter_model.safetensors")
+    assert not (project / "checkpoints/a").exists()  # a finished run leaves no checkpoints
+
+    # The same stage again, SIGKILLed after its second checkpoint and rerun: it resumes, and both runs end
+    # with the same adapter bytes (determinism and exact resume in one).
+    proc = run_stage(project, out="models/c")
+    deadline = time.monotonic() + 240
+    while not (project / "checkpoints/c/checkpoint-16").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "models/c").exists()  # nothing half-written
+    resumed = finish(run_stage(project, out="models/c"))
+    assert "resuming from checkpoints/c/checkpoint-16" in resumed
+    assert sha256(project / "models/c/adapter_model.safetensors") == reference
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_checkpoint_of_another_run_is_refused(project, tmp_path):
+    from transformers import TrainerCallback
+
+    from pipeline.chat import chat_tokenizer
+    from pipeline.config import Params
+    from pipeline.data import DataError
+    from pipeline.formats import read_examples
+    from pipeline.sft import resume_point, run_identity, train_adapter
+
+    class StopAfterFirstCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Interrupt
+
+    params = Params.model_validate(params_with(project, max_steps=16))
+    processed = project / "data/processed"
+    data = [processed / "train.jsonl", processed / "eval.jsonl"]
+    identity = run_identity(params, project / "models/base", data)
+    with pytest.raises(Interrupt):  # as if killed right after the first checkpoint
+        train_adapter(project / "models/base", read_examples(processed, "train"), chat_tokenizer(project / "models/base"),
+                      params, tmp_path / "adapter", None, tmp_path / "ckpt", identity, [StopAfterFirstCheckpoint()])
+    assert (tmp_path / "ckpt/checkpoint-8").is_dir() and not (tmp_path / "adapter").exists()
+    assert resume_point(tmp_path / "ckpt", identity, "auto").endswith("checkpoint-8")
+    other = run_identity(Params.model_validate(params_with(project, max_steps=16, learning_rate=0.001)),
+                         project / "models/base", data)
+    with pytest.raises(DataError, match=r"ckpt: the checkpoints were written by a run with different params; .*"
+                                        r"Set sft.resume: fresh"):
+        resume_point(tmp_path / "ckpt", other, "auto")
+    assert resume_point(tmp_path / "ckpt", other, "fresh") is None and not (tmp_path / "ckpt").exists()
+
+
+def test_preflight_refuses_an_over_budget_config(project, monkeypatch, capsys):
+    from pipeline import sft
+    from pipeline.config import run_cli
+
+    write_params(project, params_with(project, out_dir="models/e", max_memory_gb=0.001))
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(sft.main)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert "exceeds sft.max_memory_gb=0.001" in captured.err and "lower sft.batch_size" in captured.err
+    assert "preflight: parameters" in captured.out and "preflight: estimated total" in captured.out
+    assert not (project / "models/e").exists()
+
+
+def test_preflight_counts_match_the_real_model(project):
+    from pipeline.modeling import load_causal_lm
+    from pipeline.preflight import preflight
+    from pipeline.sft import peft_config
+
+    params = load_params(project / "params.yaml")
+    for method in ("lora", "dora", "prompt_tuning"):
+        sft = params.sft.model_copy(update={"method": method})
+        report = preflight(str(project / "models/base"), sft, [100, 120], [110])
+        from peft import get_peft_model
+
+        model = get_peft_model(load_causal_lm(project / "models/base"), peft_config(sft, project / "models/base"))
+        trainable, total = model.get_nb_trainable_parameters()
+        assert report.trainable_params == trainable, method
+        assert report.total_params == total - trainable
+        assert report.train_tokens == 220 and report.max_sequence == 120
+
+
+@pytest.mark.parametrize("variant", [
+    {"method": "dora"},
+    {"method": "prompt_tuning"},
+    {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "use_rslora": True}},
+    {"neftune_noise_alpha": 5.0},
+    {"packing": True},
+    {"packing": True, "packing_strategy": "wrapped"},
+    {"quantization": "fp4", "double_quant": False},
+    {"quantization": "int8"},
+    {"quantization": "none", "compute_dtype": "bfloat16"},
+    {"gradient_checkpointing": True, "gradient_accumulation_steps": 2},
+    {"early_stopping_patience": 1, "eval_steps": 4, "save_steps": 4, "max_steps": 40, "learning_rate": 0.05},
+], ids=lambda v: "-".join(f"{k}={v[k]}" if not isinstance(v[k], dict) else k for k in v))
+def test_every_method_trains_an_adapter_plain_peft_loads(project, tmp_path, variant):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.chat import chat_tokenizer
+    from pipeline.config import Params
+    from pipeline.formats import read_examples
+    from pipeline.sft import train_adapter
+
+    raw = params_with(project, **{"max_steps": 8, "save_steps": None, **variant})
+    params = Params.model_validate(raw)
+    tokenizer = chat_tokenizer(project / "models/base")
+    processed = project / "data/processed"
+    logs = train_adapter(project / "models/base", read_examples(processed, "train"), tokenizer, params,
+                         tmp_path / "adapter", read_examples(processed, "eval"))
+    assert logs["train"] and logs["eval"]  # training and held-out loss were logged
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text(encoding="utf-8"))
+    assert config["peft_type"] == ("PROMPT_TUNING" if variant.get("method") == "prompt_tuning" else "LORA")
+    assert config.get("use_dora", False) is (variant.get("method") == "dora")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(project / "models/base"), tmp_path / "adapter")
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "prompt" in n) > 0
+    if "early_stopping_patience" in variant:  # held-out loss stops improving long before 40 steps at this lr
+        assert logs["train"][-1]["step"] < 40
+
+
+def test_two_gloo_processes_train_data_parallel(project):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = finish(run_stage(project, str(torchrun), "--nproc_per_node", "2", "--master_port", "29533",
+                           out="models/ddp", save_steps=None, max_steps=6), timeout=400)
+    assert (project / "models/ddp/adapter_model.safetensors").is_file()
+    assert out.count("preflight: estimated total") == 1  # rank 0 prints and writes; rank 1 only trains
