@@ -35,6 +35,10 @@ from pipeline.modeling import device_of, load_causal_lm, load_tokenizer, resolve
 from pipeline.tracking import stage_run
 
 
+MODELS = ("base", "dapt", "tuned", "champion")
+COLORS = {"base": "#999", "dapt": "#6a9", "tuned": "#36c", "champion": "#c63"}
+
+
 def option_sequences(tokenizer, example: Example) -> list[Encoded]:
     """The chat answered with each option number; the trainable tokens are what gets scored.
 
@@ -210,6 +214,10 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict]]:
         metrics[f"{name}_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
         metrics[f"{name}_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
         del model
+    champion = evaluate_champion(params, examples, domain, general, stop_ids, task_metrics, processed)
+    if champion:
+        metrics |= champion[0]
+        per_item |= champion[1]
     if dapt_is_base:
         metrics["dapt_ppl_domain"], metrics["dapt_ppl_general"] = metrics["base_ppl_domain"], metrics["base_ppl_general"]
     gate = "accuracy" if params.data.eval.format == "mcq" else "rougeL"
@@ -225,6 +233,31 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict]]:
     return metrics, predictions
 
 
+def evaluate_champion(params: Params, examples, domain, general, stop_ids, task_metrics, processed):
+    """The registry's current champion on the same items, when there is one it can be loaded for.
+
+    Returns (metrics, per-item) or None: no registry model yet, or a champion whose base or chat template
+    differs from this run's (its numbers would not be comparable); the reason is printed.
+    """
+    import mlflow
+
+    from pipeline.data import DataError
+    from pipeline.predict import load_registered
+
+    uri = f"models:/{params.registry.model_name}@champion"
+    try:
+        model, tokenizer, version = load_registered(uri)
+        require_fingerprint(processed, tokenizer, f"champion version {version.version}")
+    except (DataError, mlflow.exceptions.MlflowException) as exc:
+        print(f"evaluate: champion not evaluated ({str(exc).splitlines()[0][:200]})")
+        return None
+    found, items = task_metrics("champion", model, tokenizer, examples, stop_ids, params)
+    found["champion_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
+    found["champion_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
+    found["champion_version"] = int(version.version)
+    return found, items
+
+
 def score_name(params: Params) -> str:
     """The per-model score of the task: accuracy for MCQ, ROUGE-L for free-form chats."""
     return "accuracy" if params.data.eval.format == "mcq" else "rougeL"
@@ -236,9 +269,9 @@ def score_figure(metrics: dict, score: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("base", "dapt", "tuned") if f"{n}_{score}" in metrics]
+    names = [n for n in MODELS if f"{n}_{score}" in metrics]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.barh(names, [metrics[f"{n}_{score}"] for n in names], color=["#999", "#6a9", "#36c"][: len(names)])
+    ax.barh(names, [metrics[f"{n}_{score}"] for n in names], color=[COLORS[n] for n in names])
     ax.set(xlim=(0, 1), xlabel=f"held-out {score}", title=f"{score} by model")
     fig.tight_layout()
     return fig
@@ -257,7 +290,7 @@ def main() -> None:
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         preds_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
         plot_path.write_text("model,score\n" + "".join(
-            f"{n},{metrics[f'{n}_{score}']:.4f}\n" for n in ("base", "dapt", "tuned") if f"{n}_{score}" in metrics))
+            f"{n},{metrics[f'{n}_{score}']:.4f}\n" for n in MODELS if f"{n}_{score}" in metrics))
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(preds_path), "evaluation")
         mlflow.log_artifact(str(metrics_path), "evaluation")

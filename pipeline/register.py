@@ -64,6 +64,15 @@ def promotion_decision(params: Params, metrics: dict, champion: dict[str, float]
     return True, f"{gate}={new:.4f} beats base {base:.4f} and the champion {champion.get(gate, float('nan')):.4f}"
 
 
+def champion_metrics_for(champion, metrics: dict) -> dict[str, float]:
+    """The champion's numbers to compare with: measured by this run's evaluate stage on the same items when
+    it evaluated this very version (`champion_*` metrics), else the metrics registered with it."""
+    if metrics.get("champion_version") == int(champion.version):
+        return {k.replace("champion_", "tuned_", 1): v for k, v in metrics.items()
+                if k.startswith("champion_") and k != "champion_version"}
+    return {k.removeprefix("metric."): float(v) for k, v in champion.tags.items() if k.startswith("metric.")}
+
+
 def registry_lock(uri: str):
     """A lock around reading and moving aliases, so two registrations cannot interleave.
 
@@ -158,8 +167,7 @@ def register_adapter(params: Params, metrics: dict) -> dict:
         with registry_lock(tracking_uri(params)):
             try:
                 champion = client.get_model_version_by_alias(name, "champion")
-                champion_metrics = {k.removeprefix("metric."): float(v) for k, v in champion.tags.items()
-                                    if k.startswith("metric.")}
+                champion_metrics = champion_metrics_for(champion, metrics)
             except mlflow.exceptions.MlflowException:
                 champion, champion_metrics = None, None
             promoted, reason = promotion_decision(params, metrics, champion_metrics)

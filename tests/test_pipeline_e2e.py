@@ -178,6 +178,15 @@ def test_merged_model_matches_base_plus_adapter(pipeline_run, tmp_path):
 
 def test_no_better_adapter_stays_challenger_and_rollback_restores(pipeline_run, client):
     project = pipeline_run["project"]
+    # Evaluate again, now with a champion in the registry: it is scored on the same items in the same run,
+    # and since it is this very adapter its numbers equal the tuned model's.
+    proc = run_module(project, pipeline_run["uri"], "pipeline.evaluate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    assert metrics["champion_version"] == 1
+    assert metrics["champion_accuracy"] == metrics["tuned_accuracy"]
+    assert metrics["champion_eos_rate"] == metrics["tuned_eos_rate"]
+    assert "champion,{:.4f}".format(metrics["champion_accuracy"]) in (project / "plots/accuracy.csv").read_text()
     # Register the same adapter again: it does not beat the champion, so it must not take the alias.
     proc = run_module(project, pipeline_run["uri"], "pipeline.register")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -222,3 +231,38 @@ def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
     lock_after = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock_after["stages"]["sft"] == lock_before["stages"]["sft"]
     assert {str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")} == versions_before
+
+
+def test_interactive_chat_streams_an_answer_from_the_champion(pipeline_run):
+    project = pipeline_run["project"]
+    item = json.loads((project / "data/sample/eval.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    from pipeline.formats import render_choices
+
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    question = params["task"]["user_template"].format(passage=item["passage"], question=item["question"],
+                                                      choices=render_choices(item["choices"]))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.interactive", "--model-uri", f"models:/{MODEL_NAME}@champion",
+                           "--max-new-tokens", "8"], cwd=project, env=venv_env(MLFLOW_TRACKING_URI=pipeline_run["uri"]),
+                          capture_output=True, text=True, timeout=300, input=question.replace("\n", "\\n") + "\n\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chat with models:/" in proc.stderr and "no stop token" not in proc.stderr  # stopped at the stop token
+    answer = proc.stdout.strip()
+    assert answer.isdigit() and 1 <= int(answer) <= len(item["choices"]), proc.stdout
+
+
+def test_dvc_metrics_and_plots_diff_against_the_committed_run(pipeline_run, tmp_path):
+    project = pipeline_run["project"]
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "pipeline outputs")
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    metrics["tuned_accuracy"] -= 0.1  # as if a later run did worse
+    (project / "metrics/eval.json").write_text(json.dumps(metrics))
+    try:
+        diff = dvc(project, "metrics", "diff", "--md").stdout
+        assert "tuned_accuracy" in diff and "-0.1" in diff
+        dvc(project, "plots", "diff", "HEAD", "-o", str(tmp_path / "plots"))
+        html = (tmp_path / "plots/index.html").read_text(encoding="utf-8")
+        for plot in ("plots/sft_loss.csv", "plots/sft_eval_loss.csv", "plots/dapt_loss.csv", "plots/accuracy.csv"):
+            assert plot in html, plot
+    finally:
+        git(project, "checkout", "metrics/eval.json")

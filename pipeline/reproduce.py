@@ -1,0 +1,100 @@
+"""Re-create a registered adapter: `python -m pipeline.reproduce --model-uri models:/<name>/<version>`.
+
+Checks out the version's git commit in a separate worktree (the current checkout is not touched),
+shares this repository's DVC cache so the data versions that commit names are restored from it
+(`dvc checkout`; `dvc pull` first if they live only on a remote), checks that the commit's params hash
+to the version's `params_hash` tag, runs `dvc repro sft` there with a tracking store of its own (so
+the reproduction adds no version to the registry), and compares the sha256 of the re-created
+`adapter_model.safetensors` with the registered one. Exit 0 when identical, 1 when not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import load_params, params_hash, run_cli
+from pipeline.data import DataError
+from pipeline.tracking import configure
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DataError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
+
+
+def reproduce(model_uri: str, workdir: Path) -> dict:
+    import mlflow
+
+    from pipeline.predict import model_version
+
+    client = mlflow.MlflowClient()
+    try:
+        version = model_version(client, model_uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise DataError(f"{model_uri}: not in the registry ({exc.message})") from None
+    commit = version.tags.get("git_commit", "")
+    if not commit or commit == "unknown":
+        raise DataError(f"{model_uri}: the version records no git commit; it cannot be reproduced")
+    registered = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}")) / "peft"
+    expected = sha256(registered / "adapter_model.safetensors")
+
+    repo = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    if workdir.exists():
+        raise DataError(f"{workdir}: already exists; pass another --workdir or remove it")
+    run(["git", "worktree", "add", "--detach", str(workdir), commit], repo)
+    try:
+        params = load_params(workdir / "params.yaml")
+        if params_hash(params) != version.tags.get("params_hash"):
+            raise DataError(f"{model_uri}: params.yaml at commit {commit[:12]} hashes to {params_hash(params)}, the "
+                            f"version was trained with {version.tags.get('params_hash')} (uncommitted params?)")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'reproduce-mlflow.db'}",
+               "PIPELINE_RUN_KEY": f"reproduce-{version.name}-{version.version}",
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        dvc = [sys.executable, "-m", "dvc"]
+        run([*dvc, "cache", "dir", "--local", str(repo / ".dvc" / "cache")], workdir, env)
+        subprocess.run([*dvc, "checkout"], cwd=workdir, env=env, capture_output=True)  # what the cache has
+        run([*dvc, "repro", "sft"], workdir, env)
+        got = sha256(workdir / params.sft.out_dir / "adapter_model.safetensors")
+    except BaseException:
+        subprocess.run(["git", "worktree", "remove", "--force", str(workdir)], cwd=repo, capture_output=True)
+        raise
+    return {"model": f"models:/{version.name}/{version.version}", "commit": commit, "workdir": str(workdir),
+            "registered_sha256": expected, "reproduced_sha256": got, "identical": got == expected}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-uri", required=True, help="models:/<name>/<version> or models:/<name>@<alias>")
+    parser.add_argument("--workdir", default=None, help="where the worktree goes (default: .reproduce/<name>-<version>)")
+    parser.add_argument("--keep", action="store_true", help="keep the worktree after a successful comparison")
+    args = parser.parse_args(argv)
+    configure(load_params())
+    workdir = Path(args.workdir or Path(".reproduce") / args.model_uri.removeprefix("models:/").replace("/", "-")
+                   .replace("@", "-")).resolve()
+    result = reproduce(args.model_uri, workdir)
+    if not args.keep:
+        subprocess.run(["git", "worktree", "remove", "--force", str(workdir)], capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+    if not result["identical"]:
+        print(f"reproduce: {result['model']}: re-created adapter differs from the registered one", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"reproduce: {result['model']} re-created from commit {result['commit'][:12]}: identical adapter",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
