@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test ui serve prefect-server clean
+.PHONY: install run test test-extended ui serve prefect-server clean
 
 install: $(STAMP)
 
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" PIPELINE_RUN_KEY=run-$$(date +%Y%m%d-%H%M%S) $(BIN)/dvc repro
 
+# Two workers, one test file each at a time (module fixtures are built once). `make test` is the default
+# suite (about 10 minutes on 2 cores); `make test-extended` runs the exhaustive matrices (CI runs both).
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile -m "not extended"
+
+test-extended: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" BAD_INPUTS_DVC=all $(BIN)/python -m pytest -n 2 --dist loadfile -m extended
 
 # MLflow UI over the project's store: http://127.0.0.1:5000
 MLFLOW_STORE ?= mlflow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,7 +122,7 @@ def _gx_cell(value):
     """A frame cell as GX may see it: float NaN becomes the string "NaN" (pandas would count it as null and
     the `required` rule would fire on a present field); a string with a lone surrogate (JSON "\\udc80", the
     `utf8` rule) is backslash-escaped, since pandas hashes cells through UTF-8 and would raise."""
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and math.isnan(value):
         return "NaN"
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -83,9 +83,9 @@ def _read_jsonl(file: Path, max_record_bytes: int) -> list[Record]:
     records = []
     for lineno, text in _lines(file, max_record_bytes):
         try:
-            value = json.loads(text)
+            value = json.loads(text.rstrip("\r\n"))  # without the line end, a truncated line's column is on this line
         except json.JSONDecodeError as exc:
-            raise DataError(f"{file}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno}); "
+            raise DataError(f"{file}:{lineno}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); "
                             "each line must be one complete JSON object") from None
         if not isinstance(value, dict):
             raise DataError(f"{file}:{lineno}: each line must be a JSON object, got {_json_name(value)}")

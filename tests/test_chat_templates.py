@@ -10,6 +10,7 @@ import pytest
 from pipeline.chat import chat_tokenizer, encode_chat, span_ends, stop_token_ids
 from tests.tiny_chat_models import FAMILIES, build_tiny_chat_model
 
+
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = {"role": "system", "content": "지문을 읽고 질문의 답을 구하세요."}
 USER = {"role": "user", "content": "지문:\n민준의 직업은 교사다.\n\n질문:\n민준의 직업은?\n\n선택지:\n1. 의사\n2. 교사\n3. 가수\n\n정답:"}

@@ -25,6 +25,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.deploy import DEFAULT_CRON
 from flows.pipeline_flow import STAGES, finetune_pipeline
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENT = "finetune-pipeline/scheduled"
 # Stages the served deployment runs in the test: a cheap one keeps the suite near 10 minutes; every

@@ -16,6 +16,7 @@ from pipeline.data import DataError, Record, read_records
 from pipeline.formats import answer_index, structure_problems, to_example
 from pipeline.sample_data import generate
 
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = TinyModelParams(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
                        max_position_embeddings=256)
@@ -50,7 +51,7 @@ def test_readers_accept_jsonl_json_parquet_text_and_shard_directories(tmp_path):
     (b"\x89PNG\r\n\x1a\n\x00\x00", ":1: not valid UTF-8 (invalid start byte at byte 0 of the line); a binary file?"),
     (b'{"a": 1}\n\x00\x00\x00\n', ":2: contains NUL bytes; this looks like a binary file"),
     (b'{"a": "\xff"}\n', ":1: not valid UTF-8"),
-    (b"[1, 2]\n", ":1: each line must be a JSON object, got list"),
+    (b"[1, 2]\n", ":1: each line must be a JSON object, got array"),
 ])
 def test_unreadable_jsonl_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "x.jsonl"
@@ -219,7 +220,8 @@ def project_for(fmt: str, tiny: Path, root: Path) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("fmt", ["mcq", "messages", "alpaca", "sharegpt", "text"])
+@pytest.mark.parametrize("fmt", ["mcq", "messages", pytest.param("alpaca", marks=pytest.mark.extended),
+                                 pytest.param("sharegpt", marks=pytest.mark.extended), "text"])
 def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

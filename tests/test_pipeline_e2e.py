@@ -18,8 +18,11 @@ import yaml
 
 from tests.conftest import MODEL_NAME, dvc, git, mlflow_ui, venv_env
 
-pytestmark = pytest.mark.slow
+# The MLflow UI in headless Chromium, on this module's pipeline run (tests/ui_browser.py). Imported here so
+# that `pytest -n 2 --dist loadfile` runs it in the same worker: the default pipeline runs once.
+from tests.ui_browser import test_ui_in_chromium_shows_the_pipeline_run_and_the_champion  # noqa: E402,F401
 
+pytestmark = pytest.mark.slow  # the whole default pipeline
 
 
 def sha256(path: Path) -> str:

@@ -22,6 +22,7 @@ from pipeline.data import read_records
 from pipeline.formats import to_example
 from pipeline.sample_data import generate
 
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = TinyModelParams(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
                        max_position_embeddings=256)
@@ -183,16 +184,17 @@ def test_preflight_counts_match_the_real_model(project):
 @pytest.mark.parametrize("variant", [
     {"method": "dora"},
     {"method": "prompt_tuning"},
-    {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "use_rslora": True}},
-    {"neftune_noise_alpha": 5.0},
     {"packing": True},
-    {"packing": True, "packing_strategy": "wrapped"},
-    {"quantization": "fp4", "double_quant": False},
-    {"quantization": "int8"},
-    {"quantization": "none", "compute_dtype": "bfloat16"},
-    {"gradient_checkpointing": True, "gradient_accumulation_steps": 2},
-    {"early_stopping_patience": 1, "eval_steps": 4, "save_steps": 4, "max_steps": 40, "learning_rate": 0.05},
-], ids=lambda v: "-".join(f"{k}={v[k]}" if not isinstance(v[k], dict) else k for k in v))
+    {"neftune_noise_alpha": 5.0, "quantization": "int8"},
+    pytest.param({"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                           "use_rslora": True}}, marks=pytest.mark.extended),
+    pytest.param({"packing": True, "packing_strategy": "wrapped"}, marks=pytest.mark.extended),
+    pytest.param({"quantization": "fp4", "double_quant": False}, marks=pytest.mark.extended),
+    pytest.param({"quantization": "none", "compute_dtype": "bfloat16"}, marks=pytest.mark.extended),
+    pytest.param({"gradient_checkpointing": True, "gradient_accumulation_steps": 2}, marks=pytest.mark.extended),
+    pytest.param({"early_stopping_patience": 1, "eval_steps": 4, "save_steps": 4, "max_steps": 40,
+                  "learning_rate": 0.05}, marks=pytest.mark.extended),
+], ids=lambda v: "-".join(f"{k}={v[k]}" if not isinstance(v[k], dict) else k for k in v) if isinstance(v, dict) else None)
 def test_every_method_trains_an_adapter_plain_peft_loads(project, tmp_path, variant):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -13,6 +13,7 @@ from pipeline.data import read_records
 from pipeline.formats import Example, to_example
 from pipeline.sample_data import generate
 
+
 TINY = TinyModelParams(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
                        max_position_embeddings=256)
 

@@ -22,6 +22,7 @@ from pipeline.formats import to_example
 from pipeline.sample_data import generate
 from pipeline.validate import validate_datasets, write_processed
 
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = TinyModelParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=600,
                        max_position_embeddings=256)

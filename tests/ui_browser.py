@@ -24,9 +24,8 @@ import pytest
 from tests.conftest import MODEL_NAME, mlflow_ui
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
-                                 "(apt-get install chromium chromium-driver; .ci/run does this)")]
+NEEDS_CHROMIUM = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                                    "(apt-get install chromium chromium-driver; .ci/run does this)")
 
 EXPERIMENT = "finetune-pipeline"
 STAGES = {"validate", "dapt", "sft", "evaluate", "register"}
@@ -131,6 +130,7 @@ def api(base: str, path: str, body: dict | None = None, **query: str) -> dict:
         return json.load(response)
 
 
+@NEEDS_CHROMIUM
 def test_ui_in_chromium_shows_the_pipeline_run_and_the_champion(pipeline_run, tmp_path):
     project = pipeline_run["project"]
     root = Path(pipeline_run["uri"].removeprefix("sqlite:///")).parent
