@@ -79,15 +79,28 @@ def run_identity(params: Params, model_dir: Path, data_files: list[Path]) -> dic
             "base": f"{model_fingerprint(name)}@{revision}"}
 
 
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest checkpoint whose save finished. Trainer writes trainer_state.json last, so a run killed
+    while saving leaves a checkpoint without a readable one: it is skipped, and the one before is used."""
+    steps = sorted((int(p.name.split("-")[1]), p) for p in checkpoint_dir.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            print(f"sft: {path} is incomplete (killed while saving?); skipping it")
+            continue
+        return str(path)
+    return None
+
+
 def resume_point(checkpoint_dir: Path, identity: dict, resume: str) -> str | None:
     """The checkpoint to resume from, None to start fresh; refuses a checkpoint of another run."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if resume == "fresh" or not checkpoint_dir.is_dir():
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return None
     stored = checkpoint_dir / IDENTITY
-    last = get_last_checkpoint(str(checkpoint_dir))
+    last = last_complete_checkpoint(checkpoint_dir)
     if last is None:
         return None
     found = json.loads(stored.read_text(encoding="utf-8")) if stored.is_file() else {}

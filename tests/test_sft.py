@@ -103,7 +103,7 @@ def test_stage_is_deterministic_and_a_killed_run_resumes_to_the_same_adapter(pro
     # with the same adapter bytes (determinism and exact resume in one).
     proc = run_stage(project, out="models/c")
     deadline = time.monotonic() + 240
-    while not (project / "checkpoints/c/checkpoint-16").is_dir():
+    while not (project / "checkpoints/c/checkpoint-16/trainer_state.json").is_file():  # written last
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -139,6 +139,9 @@ def test_a_checkpoint_of_another_run_is_refused(project, tmp_path):
         train_adapter(project / "models/base", read_examples(processed, "train"), chat_tokenizer(project / "models/base"),
                       params, tmp_path / "adapter", None, tmp_path / "ckpt", identity, [StopAfterFirstCheckpoint()])
     assert (tmp_path / "ckpt/checkpoint-8").is_dir() and not (tmp_path / "adapter").exists()
+    assert resume_point(tmp_path / "ckpt", identity, "auto").endswith("checkpoint-8")
+    (tmp_path / "ckpt/checkpoint-16").mkdir()  # as if killed while saving the next one: skipped
+    (tmp_path / "ckpt/checkpoint-16/adapter_model.safetensors").write_bytes(b"partial")
     assert resume_point(tmp_path / "ckpt", identity, "auto").endswith("checkpoint-8")
     other = run_identity(Params.model_validate(params_with(project, max_steps=16, learning_rate=0.001)),
                          project / "models/base", data)
