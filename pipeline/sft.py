@@ -51,6 +51,19 @@ def training_rows(examples: list[Example], tokenizer) -> list[dict]:
             for e in examples for enc in encode_chat(tokenizer, e.messages)]
 
 
+class StableAdapterConfig:
+    """Saved after the adapter: peft writes `target_modules` from a set (e.g. the expansion of all-linear),
+    whose order changes with Python's hash seed, so the same adapter would get a different directory hash
+    (DVC, lineage tags) in every process. Sorting it keeps the whole directory byte-identical."""
+
+    def save_pretrained(self, directory) -> None:
+        path = Path(directory) / "adapter_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -202,7 +215,7 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     trainer.train(resume_from_checkpoint=resume)
     # save: only the adapter (+ tokenizer, so the chat template travels with it)
     if is_main_process():
-        save_atomically(out_dir, trainer.model, tokenizer)
+        save_atomically(out_dir, trainer.model, tokenizer, StableAdapterConfig())
         shutil.rmtree(work, ignore_errors=True)  # finished: the checkpoints have served
     history = trainer.state.log_history
     return {"train": loss_history(trainer),

@@ -112,6 +112,9 @@ def test_stage_is_deterministic_and_a_killed_run_resumes_to_the_same_adapter(pro
     resumed = finish(run_stage(project, out="models/c"))
     assert "resuming from checkpoints/c/checkpoint-16" in resumed
     assert sha256(project / "models/c/adapter_model.safetensors") == reference
+    # The whole directory is the same bytes too (DVC hashes it), across processes with other hash seeds.
+    assert {p.name: sha256(p) for p in (project / "models/c").iterdir()} == \
+        {p.name: sha256(p) for p in (project / "models/a").iterdir()}
 
 
 class Interrupt(Exception):
