@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The whole pipeline. PIPELINE_RUN_KEY groups the stages' MLflow runs under one parent run.
 run: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" PIPELINE_RUN_KEY=run-$$(date +%Y%m%d-%H%M%S) $(BIN)/dvc repro
+	PIPELINE_PYTHON="$(CURDIR)/$(BIN)/python" PIPELINE_RUN_KEY=run-$$(date +%Y%m%d-%H%M%S) $(BIN)/dvc repro
 
 # Two workers, one test file each at a time (module fixtures are built once). `make test` is the default
 # suite (about 10 minutes on 2 cores); `make test-extended` runs the exhaustive matrices (CI runs both).

@@ -43,11 +43,10 @@ def _tail(text: str, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:
 
 
 def stage_env(run_key: str | None) -> dict[str, str]:
-    """The stage's environment: this interpreter's bin dir first on PATH (so dvc's
-    `python -m pipeline.<stage>` uses the same venv) and the flow run id as PIPELINE_RUN_KEY."""
+    """The stage's environment: this interpreter for bin/stage (so each stage runs in the flow's venv)
+    and the flow run id as PIPELINE_RUN_KEY."""
     env = dict(os.environ)
-    bin_dir = os.path.dirname(sys.executable)
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]) if env.get("PATH") else bin_dir
+    env["PIPELINE_PYTHON"] = sys.executable
     if run_key:
         env["PIPELINE_RUN_KEY"] = run_key
     return env

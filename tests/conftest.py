@@ -20,7 +20,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # What a fresh clone of the project holds that `dvc repro` needs.
-PROJECT_DIRS = ("pipeline", "flows")
+PROJECT_DIRS = ("pipeline", "flows", "bin")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
 
 
@@ -48,6 +48,7 @@ def venv_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: this interpreter's bin dir first, so `python -m` and `dvc` match it."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env["PIPELINE_PYTHON"] = sys.executable  # bin/stage: a project copy has no .venv of its own
     env.pop("PIPELINE_RUN_KEY", None)
     env.update(extra)
     return env
