@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
-# The whole pipeline. PIPELINE_RUN_KEY groups the stages' MLflow runs under one parent run.
+# The whole pipeline. PIPELINE_RUN_KEY groups the stages' MLflow runs under one parent run; the pipeline
+# lock (flows/lock.py) keeps a scheduled Prefect run from interleaving with it.
 run: install
-	PIPELINE_PYTHON="$(CURDIR)/$(BIN)/python" PIPELINE_RUN_KEY=run-$$(date +%Y%m%d-%H%M%S) $(BIN)/dvc repro
+	PIPELINE_PYTHON="$(CURDIR)/$(BIN)/python" PIPELINE_RUN_KEY=run-$$(date +%Y%m%d-%H%M%S) \
+		$(BIN)/python -m flows.lock $(BIN)/dvc repro
 
 # Two workers, one test file each at a time (module fixtures are built once). `make test` is the default
 # suite (about 10 minutes on 2 cores); `make test-extended` runs the exhaustive matrices (CI runs both).

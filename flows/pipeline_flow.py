@@ -21,6 +21,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.lock import pipeline_lock
+
 # Same names and order as the stages in dvc.yaml (tests/test_flows.py checks that they agree).
 STAGES: tuple[str, ...] = ("sample_data", "base", "validate", "dapt", "sft", "evaluate", "register")
 
@@ -92,8 +94,12 @@ STAGE_TASKS: dict[str, Callable[..., str]] = {stage: _stage_task(stage) for stag
 
 
 @flow(name="finetune-pipeline", persist_result=False)
-def finetune_pipeline(project_dir: str = ".", stages: list[str] | None = None) -> list[str]:
-    """Run the DVC stages in dvc.yaml order (all of them, or only `stages`), stopping at the first failure."""
+def finetune_pipeline(project_dir: str = ".", stages: list[str] | None = None,
+                      lock_timeout_s: float | None = None) -> list[str]:
+    """Run the DVC stages in dvc.yaml order (all of them, or only `stages`), stopping at the first failure.
+
+    The whole run holds the checkout's pipeline lock (flows/lock.py): another execution waits for it,
+    up to `lock_timeout_s` (default PIPELINE_LOCK_TIMEOUT, 6 h), then this run fails saying who holds it."""
     logger = get_run_logger()
     selected = list(STAGES) if stages is None else list(stages)
     unknown = sorted(set(selected) - set(STAGES))
@@ -103,7 +109,9 @@ def finetune_pipeline(project_dir: str = ".", stages: list[str] | None = None) -
     project = str(Path(project_dir).resolve())
     run_key = flow_run.id  # prefect.runtime: the id of this flow run
     logger.info("Stages %s in %s, PIPELINE_RUN_KEY=%s", ordered, project, run_key)
-    for stage in ordered:
-        # Called directly: a failed stage raises here, so the flow fails and later stages never start.
-        STAGE_TASKS[stage](project, run_key)
+    with pipeline_lock(project, f"Prefect flow run {run_key}", lock_timeout_s, log=logger.warning):
+        logger.info("Holding the pipeline lock of %s", project)
+        for stage in ordered:
+            # Called directly: a failed stage raises here, so the flow fails and later stages never start.
+            STAGE_TASKS[stage](project, run_key)
     return ordered

@@ -2,7 +2,8 @@
 
 `base.model: builtin-tiny` builds the offline default: a byte-level BPE tokenizer trained on the
 shipped text (Hangul included, via bytes), a Llama-3-style chat template whose assistant turns carry
-`{% generation %}` markers, and a small random-init Llama causal LM from a config and a fixed seed,
+`{% generation %}` markers, and a small random-init Llama causal LM from a config and a fixed seed
+(drawn with numpy's platform-independent generator, so the weights are the same bytes on every CPU),
 saved as an ordinary Hugging Face directory (safetensors). Any other value (a hub id or a local
 directory) is not copied: the stage writes a `model_ref.json` pointing at it.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.config import BUILTIN_TINY, TinyModelParams, load_params, run_cli
+from pipeline.config import BUILTIN_TINY, Params, TinyModelParams, load_params, run_cli
 from pipeline.data import read_records
 from pipeline.formats import to_example
 from pipeline.modeling import save_atomically, write_model_ref
@@ -59,8 +60,38 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-def build_tiny_model(tokenizer, tiny: TinyModelParams, seed: int):
+def init_weights(model, seed: int) -> None:
+    """Overwrite every parameter with values drawn by numpy's PCG64 generator, in sorted name order.
+
+    torch's own init kernels (normal_ under torch.manual_seed) are vectorised per CPU generation: the same
+    seed gave different weights on AVX2 and AVX-512 machines. numpy's Generator draws the same stream on
+    every platform, so models/base is the same bytes everywhere. The distribution is Llama's
+    `_init_weights`: normal(0, initializer_range) for Linear and Embedding weights (the padding row zero),
+    zero biases, RMSNorm weights one. The tied lm_head is the embedding tensor: named_parameters() lists
+    it once, so it is drawn once and stays tied.
+    """
+    import numpy as np
     import torch
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            module = model.get_submodule(name.rpartition(".")[0])
+            if name.endswith(".bias"):
+                values = np.zeros(param.shape)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                values = rng.normal(0.0, std, size=param.shape)
+                if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                    values[module.padding_idx] = 0.0
+            elif "RMSNorm" in type(module).__name__:
+                values = np.ones(param.shape)
+            else:  # a module this init does not know would keep torch's machine-dependent init
+                raise TypeError(f"{name}: no machine-independent init for {type(module).__name__}")
+            param.copy_(torch.from_numpy(values.astype(np.float32)))
+
+
+def build_tiny_model(tokenizer, tiny: TinyModelParams, seed: int):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -76,8 +107,8 @@ def build_tiny_model(tokenizer, tiny: TinyModelParams, seed: int):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    init_weights(model, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -92,6 +123,15 @@ def build_tiny_base(texts: list[str], tiny: TinyModelParams, seed: int, out_dir:
     save_atomically(out_dir, model, tokenizer)
 
 
+def tokenizer_texts(params: Params) -> list[str]:
+    """What the tokenizer learns from: the shipped text (the sample data, whatever `data` points at), i.e.
+    the rendered training chats and the domain corpus, read with the `validate.max_record_bytes` limit."""
+    shipped, limit = Path(params.sample_data.out_dir), params.validation.max_record_bytes
+    texts = ["\n".join(m["content"] for m in to_example(record, "mcq", params.task).messages)
+             for record in read_records(shipped / "train.jsonl", max_record_bytes=limit)]
+    return texts + [record.value["text"] for record in read_records(shipped / "domain_train.txt", max_record_bytes=limit)]
+
+
 def main() -> None:
     params = load_params()
     out_dir = Path(params.base.out_dir)
@@ -101,13 +141,7 @@ def main() -> None:
         write_model_ref(out_dir, params.base.model, params.base.revision)
         print(f"base: {params.base.model} (referenced, not copied)")
         return
-    # The tokenizer learns from the shipped text (the sample data, whatever `data` points at): the
-    # rendered training chats and the domain corpus.
-    shipped = Path(params.sample_data.out_dir)
-    texts = ["\n".join(m["content"] for m in to_example(record, "mcq", params.task).messages)
-             for record in read_records(shipped / "train.jsonl")]
-    texts += [record.value["text"] for record in read_records(shipped / "domain_train.txt")]
-    build_tiny_base(texts, params.base.tiny, params.seed, out_dir)
+    build_tiny_base(tokenizer_texts(params), params.base.tiny, params.seed, out_dir)
     print(f"base: built-in tiny Llama written to {out_dir}")
 
 

@@ -58,15 +58,18 @@ def chat_tokenizer(model_dir: str | Path, template_file: str | None = None):
     return tokenizer
 
 
-def stop_token_ids(model_dir: str | Path, tokenizer) -> set[int]:
-    """Ids that end a generation: the tokenizer's EOS plus the model's generation_config eos ids."""
+def stop_token_ids(model_dir: str | Path, tokenizer, revision: str | None = None) -> set[int]:
+    """Ids that end a generation: the tokenizer's EOS plus the model's generation_config eos ids (Gemma 3's
+    `<end_of_turn>`, Llama 3's `<|eot_id|>`), for a local directory and for a hub id at its revision."""
+    from transformers import GenerationConfig
+
     ids = {tokenizer.eos_token_id} - {None}
-    name, _ = resolve_model(model_dir)
-    config = Path(name) / "generation_config.json"
-    if config.is_file():
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
-    return ids
+    name, ref_revision = resolve_model(model_dir)
+    try:
+        eos = GenerationConfig.from_pretrained(name, revision=revision or ref_revision).eos_token_id
+    except OSError:  # the model ships no generation_config.json
+        return ids
+    return ids | (set(eos if isinstance(eos, list) else [eos]) - {None})
 
 
 def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:

@@ -52,6 +52,13 @@ class Split:
     examples: list[Example | None] = field(default_factory=list)
     encoded: list[list[Encoded] | None] = field(default_factory=list)
     template_problem: list[str | None] = field(default_factory=list)
+    corpus_copy: list[str | None] = field(default_factory=list)  # held-out text: where the line is in the corpus
+
+    def subset(self, name: str, indices: list[int]) -> Split:
+        """Records `indices` (prepared) as another split; each keeps its own file:line."""
+        pick = lambda values: [values[i] for i in indices] if values else []
+        return Split(name, self.path, self.fmt, pick(self.records), pick(self.problems), pick(self.examples),
+                     pick(self.encoded), pick(self.template_problem), pick(self.corpus_copy))
 
     def where(self, i: int) -> str:
         record = self.records[i]
@@ -102,6 +109,8 @@ def frame(split: Split, stop_ids: set[int]):
     texts = [" ".join(m["content"] for m in e.messages) if e else (row.get("text") if split.fmt == "text" else None)
              for e, row in zip(split.examples or [None] * len(rows), rows, strict=True)]
     columns["all_text"] = col([t if isinstance(t, str) else None for t in texts])
+    if split.corpus_copy:
+        columns["problem__heldout_overlap"] = col(split.corpus_copy)
     if split.is_chat:
         enc = split.encoded
         columns["problem__template_renders"] = col(split.template_problem)
@@ -134,6 +143,70 @@ def prompt_key(example: Example | None) -> str | None:
     return digest([[m["role"], normalised(m["content"])] for m in prompt_of(example)]) if example else None
 
 
+def carve_validation(train: Split, fraction: float) -> tuple[Split, Split]:
+    """(train, validation): about `fraction` of the prepared train split, chosen by content, not by position.
+
+    Records are grouped by their normalised prompt (a record that cannot become an example: by its raw
+    value) and the groups ranked by a sha256 of that key; the lowest-ranked groups become validation
+    until it holds round(fraction * n) records (at least one, never all). Deterministic across processes
+    and hash seeds, independent of record order, and a prompt's copies stay on one side, so carving
+    cannot itself put a validation prompt into train (the leakage rule still checks).
+    """
+    keys = [prompt_key(e) or "raw:" + json.dumps(r.value, sort_keys=True, default=str)
+            for r, e in zip(train.records, train.examples or [None] * len(train.records), strict=True)]
+    sizes: dict[str, int] = {}
+    for k in keys:
+        sizes[k] = sizes.get(k, 0) + 1
+    target = min(len(keys) - 1, max(1, round(fraction * len(keys))))
+    chosen, taken = set(), 0
+    for k in sorted(sizes, key=lambda k: hashlib.sha256(k.encode()).hexdigest()):
+        if taken >= target:
+            break
+        if taken + sizes[k] < len(keys):  # never carve the whole of train
+            chosen.add(k)
+            taken += sizes[k]
+    held = [i for i, k in enumerate(keys) if k in chosen]
+    return (train.subset(train.name, [i for i, k in enumerate(keys) if k not in chosen]),
+            train.subset("validation", held))
+
+
+HELDOUT_TEXTS = ("domain_eval", "general_eval")  # perplexity sets: none of their lines may be a corpus line
+NGRAM = 4  # word n-grams for the held-out/corpus overlap share
+
+
+def _line_key(record: Record) -> str | None:
+    text = record.value.get("text") if isinstance(record.value, dict) else None
+    return normalised(text) if isinstance(text, str) and text.strip() else None
+
+
+def mark_corpus_copies(heldout: Split, corpus: Split) -> None:
+    """For each held-out line, where it also is in the corpus (whitespace/case-normalised), or None."""
+    where: dict[str, str] = {}
+    for r in corpus.records:
+        if (k := _line_key(r)) is not None:
+            where.setdefault(k, r.where())
+    heldout.corpus_copy = [where.get(k) if (k := _line_key(r)) is not None else None for r in heldout.records]
+
+
+def _grams(words: list[str], n: int):
+    return (" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def corpus_overlap(heldout: Split, corpus: Split, n: int = NGRAM) -> dict:
+    """How much of the held-out text the corpus already holds: the share of lines that are corpus lines, and the
+    share of word n-grams (whitespace words, normalised) that occur in some corpus line. A line of fewer than n
+    words counts as one gram of all its words, looked up among the corpus's grams of that length."""
+    lines = [k.split() for r in heldout.records if (k := _line_key(r)) is not None]
+    corpus_lines = [k.split() for r in corpus.records if (k := _line_key(r)) is not None]
+    lengths = {min(n, len(w)) for w in lines}
+    known = {m: {g for w in corpus_lines for g in _grams(w, m)} for m in lengths}
+    grams = [(g, m) for w in lines for m in [min(n, len(w))] for g in _grams(w, m)]
+    copies = sum(c is not None for c in heldout.corpus_copy) if heldout.corpus_copy else 0
+    return {"line_share": copies / len(lines) if lines else 0.0,
+            "ngram_share": sum(g in known[m] for g, m in grams) / len(grams) if grams else 0.0,
+            "lines": len(lines), "ngrams": len(grams)}
+
+
 @dataclass
 class Rule:
     name: str  # rule name (params validate.severity keys)
@@ -143,8 +216,10 @@ class Rule:
     severity: str = "error"
 
 
-def build_rules(split: Split, params: Params, train: Split | None, stop_ids: set[int], tokenizer) -> list[Rule]:
-    """The suite of one split; `train` is given for the eval split (leakage rule)."""
+def build_rules(split: Split, params: Params, references: list[Split], stop_ids: set[int], tokenizer) -> list[Rule]:
+    """The suite of one split; `references` are the splits its prompts must not appear in (leakage rule):
+    train for eval, train and eval for validation. A held-out text split with `corpus_copy` gets the
+    heldout_overlap rule."""
     import great_expectations as gx
 
     ex = gx.expectations
@@ -192,7 +267,13 @@ def build_rules(split: Split, params: Params, train: Split | None, stop_ids: set
         column="all_text", regex=PHONE, description="no phone numbers (PII)"),
         lambda i: "contains a phone number: " + re.search(PHONE, _text(split, i)).group(), v.level("pii")))
     if split.is_chat:
-        rules += chat_rules(split, params, train, stop_ids, tokenizer)
+        rules += chat_rules(split, params, references, stop_ids, tokenizer)
+    if split.corpus_copy:
+        rules.append(Rule("heldout_overlap", "text", ex.ExpectColumnValuesToBeNull(
+            column="problem__heldout_overlap", description="no held-out line is also a domain_corpus line "
+                                                           "(whitespace/case-normalised)"),
+            lambda i: f"the line is also domain_corpus line {split.corpus_copy[i]}: perplexity on it measures "
+                      "memorisation, not the domain", v.level("heldout_overlap")))
     rules = [r for r in rules if r.severity != "off"]
     for n, rule in enumerate(rules):
         rule.expectation.meta = {"rule": n, "name": rule.name, "severity": rule.severity}
@@ -212,7 +293,7 @@ def _lines_of(split: Split, key: Callable[[int], str | None]) -> dict[str, list[
     return where
 
 
-def chat_rules(split: Split, params: Params, train: Split | None, stop_ids: set[int], tokenizer) -> list[Rule]:
+def chat_rules(split: Split, params: Params, references: list[Split], stop_ids: set[int], tokenizer) -> list[Rule]:
     import great_expectations as gx
 
     ex = gx.expectations
@@ -260,15 +341,22 @@ def chat_rules(split: Split, params: Params, train: Split | None, stop_ids: set[
             column="dup_normalised", description="no duplicates after whitespace/case normalisation"),
             lambda i: "same chat as another record after whitespace/case normalisation", v.level("duplicate_normalised")),
     ]
-    if train is not None:
-        seen: dict[str, str] = {}
-        for i, e in enumerate(train.examples):
-            if (k := prompt_key(e)) is not None:
-                seen.setdefault(k, train.where(i))
-        rules.append(Rule("leakage", "prompt", ex.ExpectColumnValuesToNotBeInSet(
-            column="prompt_key", value_set=sorted(seen), description="no eval prompt (normalised) also appears in train"),
-            lambda i: f"the prompt also appears in train at {seen[prompt_key(split.examples[i])]}", v.level("leakage")))
+    for ref in references:
+        rules.append(_leakage_rule(split, ref, v.level("leakage")))
     return rules
+
+
+def _leakage_rule(split: Split, ref: Split, severity: str) -> Rule:
+    import great_expectations as gx
+
+    seen: dict[str, str] = {}
+    for i, e in enumerate(ref.examples):
+        if (k := prompt_key(e)) is not None:
+            seen.setdefault(k, ref.where(i))
+    return Rule("leakage", "prompt", gx.expectations.ExpectColumnValuesToNotBeInSet(
+        column="prompt_key", value_set=sorted(seen),
+        description=f"no {split.name} prompt (normalised) also appears in {ref.name}"),
+        lambda i: f"the prompt also appears in {ref.name} at {seen[prompt_key(split.examples[i])]}", severity)
 
 
 def shown_in_docs(text: str) -> str:

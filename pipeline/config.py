@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,9 @@ class DatasetParams(Strict):
 
 class DataParams(Strict):
     train: DatasetParams
+    # SFT's held-out loss (eval_steps, early stopping, best checkpoint). None, or train's own path (the
+    # spelling dvc.yaml can interpolate): the validate stage carves validate.validation_fraction of train.
+    validation: DatasetParams | None = None
     eval: DatasetParams
     domain_corpus: DatasetParams
     domain_eval: DatasetParams
@@ -38,16 +42,26 @@ class DataParams(Strict):
 
     @model_validator(mode="after")
     def _formats_fit_their_use(self):
-        for name in ("train", "eval"):
+        for name in ("train", "eval") + (() if self.validation is None else ("validation",)):
             if getattr(self, name).format not in CHAT_FORMATS:
                 raise ValueError(f"data.{name}.format must be one of {', '.join(CHAT_FORMATS)} (a chat-like format)")
         for name in ("domain_corpus", "domain_eval", "general_eval"):
             if getattr(self, name).format != "text":
                 raise ValueError(f"data.{name}.format must be text (raw text for DAPT and perplexity)")
+        if self.carves_validation and self.validation is not None and self.validation.format != self.train.format:
+            raise ValueError("data.validation.path is data.train.path (carve validation from train): "
+                             f"data.validation.format must then be data.train.format ({self.train.format})")
         return self
 
+    @property
+    def carves_validation(self) -> bool:
+        """True when the validation split is carved from train (validation null or pointing at train's path)."""
+        return self.validation is None or os.path.normpath(self.validation.path) == os.path.normpath(self.train.path)
+
     def chat_sets(self) -> dict[str, DatasetParams]:
-        return {"train": self.train, "eval": self.eval}
+        """The chat datasets read from files; a carved validation split is not one (it comes out of train)."""
+        return {"train": self.train, **({} if self.carves_validation else {"validation": self.validation}),
+                "eval": self.eval}
 
     def text_sets(self) -> dict[str, DatasetParams]:
         return {"domain_corpus": self.domain_corpus, "domain_eval": self.domain_eval, "general_eval": self.general_eval}
@@ -57,6 +71,7 @@ class SampleDataParams(Strict):
     out_dir: str = "data/sample"
     n_train: int = Field(ge=1)
     n_eval: int = Field(ge=1)
+    n_validation: int = Field(default=60, ge=1)
     n_domain_lines: int = Field(ge=1)
     n_heldout_lines: int = Field(ge=1)
     num_choices: int = Field(ge=2, le=10)
@@ -109,7 +124,7 @@ STRUCTURAL_RULES = ("required", "type", "non_empty", "utf8", "choices_count", "c
                     "answer_unambiguous", "turns_schema", "roles_known", "system_first", "alternation",
                     "ends_with_assistant", "assistant_non_empty", "template_renders")
 ADJUSTABLE_RULES = ("choices_distinct", "unique_id", "duplicate_exact", "duplicate_normalised", "leakage",
-                    "trainable_tokens", "stop_token", "prompt_consistent", "pii")
+                    "trainable_tokens", "stop_token", "prompt_consistent", "pii", "heldout_overlap")
 WARN_BY_DEFAULT = ("duplicate_normalised", "prompt_consistent", "pii")
 Severity = Literal["error", "warn", "off"]
 
@@ -121,6 +136,7 @@ class ValidateParams(Strict):
     min_choices: int = Field(ge=2, le=10)
     max_choices: int = Field(ge=2, le=10)
     overlong: Literal["error", "drop"]
+    validation_fraction: float = Field(default=0.1, gt=0, lt=1)  # train share carved out (data.validation null/train)
     severity: dict[str, Severity] = {}
     audit_examples: int = Field(ge=0)
 
@@ -212,15 +228,43 @@ class EvaluateParams(Strict):
     ppl_block_size: int = Field(ge=8)
 
 
+# What the evaluate stage measures for each model (`<model>_<metric>`, model: base, dapt, tuned, champion),
+# by eval format, and which way is better (True: higher). pipeline/evaluate.py produces exactly these;
+# MCQ items that carry a category also get `accuracy_<category>` (higher is better).
+EVAL_METRICS: dict[str, dict[str, bool]] = {
+    "mcq": {"accuracy": True, "generation_em": True, "eos_rate": True, "ppl_domain": False, "ppl_general": False},
+    "chat": {"answer_loss": False, "answer_ppl": False, "generation_em": True, "rougeL": True, "eos_rate": True,
+             "ppl_domain": False, "ppl_general": False},
+}
+
+
+def eval_kind(eval_format: str) -> str:
+    return "mcq" if eval_format == "mcq" else "chat"
+
+
+def metric_direction(metric: str, eval_format: str) -> bool:
+    """True when a higher `tuned_<name>` is better; ValueError naming the valid metrics when it is not one."""
+    kind = eval_kind(eval_format)
+    name = metric.removeprefix("tuned_")
+    if metric.startswith("tuned_"):
+        if name in EVAL_METRICS[kind]:
+            return EVAL_METRICS[kind][name]
+        if kind == "mcq" and name.startswith("accuracy_") and len(name) > len("accuracy_"):
+            return True  # per-category accuracy
+    valid = [f"tuned_{m}" for m in EVAL_METRICS[kind]] + (["tuned_accuracy_<category>"] if kind == "mcq" else [])
+    raise ValueError(f"{metric!r} is not a metric the evaluate stage reports for data.eval.format "
+                     f"{eval_format}; valid: {', '.join(valid)}")
+
+
 class GuardParams(Strict):
     metric: str
-    higher_is_better: bool
+    higher_is_better: bool | None = None  # optional: the metric's own direction (EVAL_METRICS); a contradiction is refused
     tolerance: float = Field(ge=0)  # largest allowed regression against the champion, relative
 
 
 class RegisterParams(Strict):
     model_name: str = Field(min_length=1)
-    gate_metric: str = Field(pattern=r"^tuned_")
+    gate_metric: str = Field(min_length=1)
     min_improvement: float = Field(ge=0)
     guards: list[GuardParams] = []
 
@@ -246,16 +290,28 @@ class Params(Strict):
     mlflow: MlflowParams
 
     @model_validator(mode="after")
-    def _gate_metric_exists(self):
-        mcq_only = ("tuned_accuracy", "tuned_generation_em")
-        chat_only = ("tuned_rougeL", "tuned_answer_loss", "tuned_answer_ppl")
-        metric = self.registry.gate_metric
-        if self.data.eval.format != "mcq" and metric.startswith("tuned_accuracy"):
-            raise ValueError(f"register.gate_metric: {metric} needs an mcq eval set; use tuned_rougeL for "
-                             f"data.eval.format {self.data.eval.format}")
-        if self.data.eval.format == "mcq" and metric in chat_only:
-            raise ValueError(f"register.gate_metric: {metric} is computed for chat eval sets; use one of {mcq_only}")
+    def _gate_metrics_exist(self):
+        """The gate and every guard name a metric the chosen eval format produces, before any compute."""
+        fmt = self.data.eval.format
+        try:
+            metric_direction(self.registry.gate_metric, fmt)
+        except ValueError as exc:
+            raise ValueError(f"register.gate_metric: {exc}") from None
+        for i, guard in enumerate(self.registry.guards):
+            try:
+                higher = metric_direction(guard.metric, fmt)
+            except ValueError as exc:
+                raise ValueError(f"register.guards[{i}].metric: {exc}") from None
+            if guard.higher_is_better is not None and guard.higher_is_better != higher:
+                raise ValueError(f"register.guards[{i}].higher_is_better: {guard.metric} is "
+                                 f"{'higher' if higher else 'lower'}-is-better; drop the key or set it to {higher}")
         return self
+
+    def gate_higher_is_better(self) -> bool:
+        return metric_direction(self.registry.gate_metric, self.data.eval.format)
+
+    def guard_higher_is_better(self, guard: GuardParams) -> bool:
+        return metric_direction(guard.metric, self.data.eval.format)
 
 
 class ParamsError(SystemExit):

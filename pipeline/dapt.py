@@ -30,7 +30,7 @@ def task_texts(params: Params) -> list[str]:
     """TAPT: the task's own unlabeled text, i.e. each training chat's prompt without its answer."""
     tokenizer = chat_tokenizer(params.base.out_dir, params.task.chat_template)
     return [render(tokenizer, prompt_of(e), generation_prompt=True)
-            for e in read_examples(params.validation.out_dir, "train")]
+            for e in read_examples(params.validation.out_dir, "train", params.validation.max_record_bytes)]
 
 
 def pack_corpus(lines: list[str], tokenizer, block_size: int) -> list[list[int]]:
@@ -96,7 +96,7 @@ def main() -> None:
         write_loss_csv([], LOSS_CSV)
         print("dapt: disabled; handing the base on untouched")
         return
-    lines = read_texts(params.validation.out_dir, "domain_corpus")
+    lines = read_texts(params.validation.out_dir, "domain_corpus", params.validation.max_record_bytes)
     if params.dapt.tapt:
         lines += task_texts(params)
     with stage_run(params, "dapt"):

@@ -145,13 +145,18 @@ def read_records(path: str | Path, suffixes: tuple[str, ...] = SUFFIXES,
     return records
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[dict]:
     """The objects of a JSONL file (the processed data, or a user's file for `predict`)."""
-    return [r.value for r in read_records(path, (".jsonl",))]
+    return [r.value for r in read_records(path, (".jsonl",), max_record_bytes)]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> int:
+    """Write rows as JSONL; return the longest line's length in bytes (line end included, as `_lines` counts)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    longest = 0
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            line = json.dumps(row, ensure_ascii=False) + "\n"
+            f.write(line)
+            longest = max(longest, len(line.encode("utf-8")))
+    return longest

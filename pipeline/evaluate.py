@@ -36,6 +36,7 @@ from pipeline.tracking import stage_run
 
 
 MODELS = ("base", "dapt", "tuned", "champion")
+CHAMPION_FILE = "reports/champion.json"  # which champion was re-scored here (read by the register stage)
 COLORS = {"base": "#999", "dapt": "#6a9", "tuned": "#36c", "champion": "#c63"}
 
 
@@ -185,13 +186,15 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def evaluate_models(params: Params) -> tuple[dict, list[dict]]:
-    """Metrics of base / dapt / tuned on the same held-out items, and per-item predictions."""
+def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
+    """Metrics of base / dapt / tuned (and the champion) on the same held-out items, per-item predictions,
+    and the record of which champion was scored."""
     from peft import PeftModel
 
     processed = params.validation.out_dir
-    examples = read_examples(processed, "eval")[: params.evaluate.max_eval_items]
-    domain, general = read_texts(processed, "domain_eval"), read_texts(processed, "general_eval")
+    limit = params.validation.max_record_bytes
+    examples = read_examples(processed, "eval", limit)[: params.evaluate.max_eval_items]
+    domain, general = read_texts(processed, "domain_eval", limit), read_texts(processed, "general_eval", limit)
     load = dict(quantization=params.sft.quantization, double_quant=params.sft.double_quant,
                 compute_dtype=params.sft.compute_dtype)
     dapt_is_base = resolve_model(params.dapt.out_dir) == resolve_model(params.base.out_dir)
@@ -214,10 +217,10 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict]]:
         metrics[f"{name}_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
         metrics[f"{name}_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
         del model
-    champion = evaluate_champion(params, examples, domain, general, stop_ids, task_metrics, processed)
-    if champion:
-        metrics |= champion[0]
-        per_item |= champion[1]
+    found, items, champion = evaluate_champion(params, examples, domain, general, stop_ids, task_metrics, processed)
+    if found:
+        metrics |= found
+        per_item |= items
     if dapt_is_base:
         metrics["dapt_ppl_domain"], metrics["dapt_ppl_general"] = metrics["base_ppl_domain"], metrics["base_ppl_general"]
     gate = "accuracy" if params.data.eval.format == "mcq" else "rougeL"
@@ -230,32 +233,39 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict]]:
                     **({"answer": e.answer} if e.answer is not None else {"reference": e.messages[-1]["content"]}),
                     **{key: values[i] for key, values in per_item.items()}}
                    for i, e in enumerate(examples)]
-    return metrics, predictions
+    return metrics, predictions, champion
 
 
 def evaluate_champion(params: Params, examples, domain, general, stop_ids, task_metrics, processed):
-    """The registry's current champion on the same items, when there is one it can be loaded for.
+    """The registry's current champion on the same items, when there is one it can be compared on.
 
-    Returns (metrics, per-item) or None: no registry model yet, or a champion whose base or chat template
-    differs from this run's (its numbers would not be comparable); the reason is printed.
-    """
+    Returns (metrics, per-item, record) or (None, None, record): no registry model yet, or a champion
+    whose chat template or task params differ from this run's (its numbers would not be comparable).
+    `record` (reports/champion.json) says which version was scored, or why none was; the register stage
+    uses the re-scored numbers only for that very version."""
     import mlflow
 
     from pipeline.data import DataError
-    from pipeline.predict import load_registered
+    from pipeline.registry import load_registered, version_task
 
     uri = f"models:/{params.registry.model_name}@champion"
     try:
-        model, tokenizer, version = load_registered(uri)
+        model, tokenizer, version, *_ = load_registered(uri)
         require_fingerprint(processed, tokenizer, f"champion version {version.version}")
+        if params.data.eval.format == "mcq" and version_task(version) not in (None, params.task):
+            raise DataError(f"champion version {version.version} was trained with other task params "
+                            "(system prompt / user template): its prompts differ from this run's")
     except (DataError, mlflow.exceptions.MlflowException) as exc:
-        print(f"evaluate: champion not evaluated ({str(exc).splitlines()[0][:200]})")
-        return None
+        reason = str(exc).splitlines()[0][:200]
+        print(f"evaluate: champion not evaluated ({reason})")
+        return None, None, {"scored": False, "reason": reason}
     found, items = task_metrics("champion", model, tokenizer, examples, stop_ids, params)
     found["champion_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
     found["champion_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
-    found["champion_version"] = int(version.version)
-    return found, items
+    record = {"scored": True, "model_name": version.name, "version": str(version.version),
+              "adapter_sha256": version.tags.get("adapter_sha256"), "n_items": len(examples), "metrics": found}
+    found = {**found, "champion_version": int(version.version)}
+    return found, items, record
 
 
 def score_name(params: Params) -> str:
@@ -282,11 +292,13 @@ def main() -> None:
 
     params = load_params()
     metrics_path, preds_path, plot_path = Path("metrics/eval.json"), Path("reports/predictions.jsonl"), Path("plots/accuracy.csv")
+    champion_path = Path(CHAMPION_FILE)
     score = score_name(params)
     with stage_run(params, "evaluate"):
-        metrics, predictions = evaluate_models(params)
-        for path in (metrics_path, preds_path, plot_path):
+        metrics, predictions, champion = evaluate_models(params)
+        for path in (metrics_path, preds_path, plot_path, champion_path):
             path.parent.mkdir(parents=True, exist_ok=True)
+        champion_path.write_text(json.dumps(champion, indent=2) + "\n", encoding="utf-8")
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         preds_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
         plot_path.write_text("model,score\n" + "".join(

@@ -9,12 +9,13 @@ stage turns those into Great Expectations results and only records without probl
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.config import TaskParams
-from pipeline.data import Record, read_jsonl
+from pipeline.data import DEFAULT_MAX_RECORD_BYTES, Record, read_jsonl
 
 CHAT_FORMATS = ("mcq", "messages", "alpaca", "sharegpt")
 FORMATS = CHAT_FORMATS + ("text",)
@@ -259,11 +260,31 @@ def normalised(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def read_examples(processed_dir: str | Path, name: str) -> list[Example]:
+def processed_record_limit(processed_dir: str | Path, name: str, max_record_bytes: int) -> int:
+    """The line limit for a processed dataset: `validate.max_record_bytes`, or the longest line validate wrote.
+
+    Normalisation can make a record longer than its input line: an MCQ item becomes a chat that carries
+    its passage and choices twice (rendered into the prompt and as `choices`) plus the template, a Parquet
+    or JSON-array record had no line to measure, JSON escaping differs. The validate stage records each
+    dataset's longest processed line in manifest.json (`max_line_bytes`), so data it accepted under the
+    limit is never refused downstream; a line longer than both (a foreign or corrupted file) still is.
+    """
+    try:
+        manifest = json.loads((Path(processed_dir) / "manifest.json").read_text(encoding="utf-8"))
+        written = int(manifest.get("max_line_bytes", {}).get(name, 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        written = 0  # no manifest (or an older one): the params' limit alone
+    return max(max_record_bytes, written)
+
+
+def read_examples(processed_dir: str | Path, name: str,
+                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Example]:
     """A chat dataset as the validate stage wrote it (the only data later stages train or evaluate on)."""
-    return [Example(**row) for row in read_jsonl(Path(processed_dir) / f"{name}.jsonl")]
+    limit = processed_record_limit(processed_dir, name, max_record_bytes)
+    return [Example(**row) for row in read_jsonl(Path(processed_dir) / f"{name}.jsonl", limit)]
 
 
-def read_texts(processed_dir: str | Path, name: str) -> list[str]:
+def read_texts(processed_dir: str | Path, name: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[str]:
     """A text dataset (DAPT corpus, held-out text) as the validate stage wrote it."""
-    return [row["text"] for row in read_jsonl(Path(processed_dir) / f"{name}.jsonl")]
+    limit = processed_record_limit(processed_dir, name, max_record_bytes)
+    return [row["text"] for row in read_jsonl(Path(processed_dir) / f"{name}.jsonl", limit)]

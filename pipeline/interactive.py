@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import TextStreamer
 
-    from pipeline.chat import render
+    from pipeline.chat import render, stop_token_ids
     from pipeline.modeling import device_of
-    from pipeline.predict import load_registered
+    from pipeline.registry import load_registered, version_task
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-uri", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
@@ -30,10 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     configure(params)
-    model, tokenizer, version = load_registered(args.model_uri)
-    eos = model.generation_config.eos_token_id  # the base's generation_config: EOS and end-of-turn ids
-    stops = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
-    history = [{"role": "system", "content": args.system or params.task.system_prompt}]
+    model, tokenizer, version, base, revision = load_registered(args.model_uri)
+    # The base's generation_config: EOS and end-of-turn ids (the same rule the evaluate stage uses).
+    stops = sorted(stop_token_ids(base, tokenizer, revision))
+    task = version_task(version) or params.task  # the prompt the adapter was trained with
+    history = [{"role": "system", "content": args.system or task.system_prompt}]
     interactive = sys.stdin.isatty()
     print(f"chat with models:/{version.name}/{version.version} (empty line or Ctrl-D ends)", file=sys.stderr)
     while True:

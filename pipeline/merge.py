@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="max abs logit difference allowed (float32: merging reorders the sums)")
     parser.add_argument("--n-prompts", type=int, default=8)
     args = parser.parse_args(argv)
-    prompts = [prompt_of(e) for e in read_examples(params.validation.out_dir, "eval")[: args.n_prompts]]
+    eval_examples = read_examples(params.validation.out_dir, "eval", params.validation.max_record_bytes)
+    prompts = [prompt_of(e) for e in eval_examples[: args.n_prompts]]
     with stage_run(params, "merge"):
         diff = merge_adapter(Path(params.dapt.out_dir), Path(params.sft.out_dir), Path(args.out), prompts,
                              params.sft.compute_dtype, args.tolerance)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import torch
 
@@ -38,11 +40,12 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
     raise ValueError(f"{path}: model_ref.json chain is longer than 10 links")
 
 
-def model_fingerprint(name_or_path: str) -> str:
-    """sha256 over a local model directory's weight and config files; the id itself for a hub model."""
+def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
+    """sha256 over a local model directory's weight and config files; id@revision for a hub model
+    (a hub commit is content-addressed; an unpinned one says `@None`, i.e. whatever is latest)."""
     root = Path(name_or_path)
     if not root.is_dir():
-        return f"hub:{name_or_path}"
+        return f"hub:{name_or_path}@{revision}"
     digest = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(file.relative_to(root).as_posix().encode())
@@ -88,10 +91,12 @@ def load_tokenizer(path: str | Path):
 
 
 def load_causal_lm(path: str | Path, quantization: str = "none", double_quant: bool = True,
-                   compute_dtype: str = "float32"):
+                   compute_dtype: str = "float32", revision: str | None = None):
+    """The model at path (following model_ref.json); `revision` pins a hub id given directly."""
     from transformers import AutoModelForCausalLM
 
-    name, revision = resolve_model(path)
+    name, ref_revision = resolve_model(path)
+    revision = revision or ref_revision
     kwargs = {"revision": revision, "dtype": DTYPES[compute_dtype]}
     qconfig = quantization_config(quantization, double_quant, compute_dtype)
     if qconfig is not None:
@@ -99,6 +104,39 @@ def load_causal_lm(path: str | Path, quantization: str = "none", double_quant: b
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def cache_dir() -> Path:
+    """Where downloaded registry artifacts are kept (PIPELINE_CACHE_DIR, else the user's cache)."""
+    return Path(os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "llm-finetune-pipeline")
+
+
+def local_base(artifact_uri: str, sha256: str) -> Path:
+    """A local directory holding a registered base artifact (`runs:/<id>/base`), checked against its sha256.
+
+    An artifact store on this file system is read in place (it is written once and never changed); a
+    remote one is downloaded once into the cache, keyed by the sha256."""
+    import mlflow
+    from mlflow.artifacts import download_artifacts
+
+    run_id, _, sub = artifact_uri.removeprefix("runs:/").partition("/")
+    root = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    if root.startswith("file://") or "://" not in root:
+        path = Path(unquote(urlsplit(root).path) if root.startswith("file://") else root) / sub
+    else:
+        path = cache_dir() / "bases" / sha256
+        if not path.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=path.parent))
+            try:
+                download_artifacts(artifact_uri, dst_path=str(tmp))
+                (tmp / sub).rename(path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    found = model_fingerprint(str(path))
+    if found != sha256:
+        raise ValueError(f"{artifact_uri} at {path}: sha256 {found[:12]}... is not the registered {sha256[:12]}...")
+    return path
 
 
 def device_of(model) -> torch.device:

@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 
 from pipeline.config import load_params, run_cli
 from pipeline.data import DataError
-from pipeline.tracking import configure
+from pipeline.registry import registry_lock
+from pipeline.tracking import configure, tracking_uri
 
 
 def rollback(client, name: str) -> tuple[str, str]:
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-name", default=params.registry.model_name)
     args = parser.parse_args(argv)
     configure(params)
-    old, new = rollback(MlflowClient(), args.model_name)
+    with registry_lock(tracking_uri(params)):  # never between a registration's read and its alias move
+        old, new = rollback(MlflowClient(), args.model_name)
     print(f"rollback: {args.model_name}@champion moved from version {old} back to version {new}")
 
 

@@ -10,12 +10,23 @@ graded difficulty, so the README can say honestly what a tiny CPU model learns:
 - `lookup`: no hint; the answer is the option that matches a fact in the passage. Tiny random-init
   models stay near chance here; a real model does not.
 
-Also written: a raw-text domain corpus for DAPT (same world, same vocabulary), a held-out slice of
-it, and a general-text held-out set on other topics (the forgetting check).
+Also written: a validation split for SFT's held-out loss (early stopping, best checkpoint), drawn
+like eval and sharing no prompt with train or eval, so eval's accuracy stays untouched by model selection;
+a raw-text domain corpus for DAPT (same world, same vocabulary), held-out domain text, and a
+general-text held-out set on other topics (the forgetting check).
+
+The held-out domain text must not repeat corpus lines, or its perplexity measures memorisation. The
+world is small: the answer statements and fine-tuning sentences are ~30 fixed strings that the corpus
+contains every one of, so they cannot be held out. Held-out lines are therefore fact sentences from a
+held-out-only slice of the (relation, person, value) space (HELDOUT_FACT_SHARE, chosen from the seed):
+the corpus never states those facts, so no held-out line is a corpus line, whatever n_domain_lines is.
+Their words and phrases do occur in the corpus (same templates): the validate stage reports that
+n-gram share.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from pathlib import Path
@@ -52,6 +63,15 @@ FINETUNING_SENTENCES = [
     "적대적 학습은 임베딩에 작은 노이즈를 더해 모델을 강건하게 만든다.",
     "어시스턴트 응답에만 손실을 주면 모델은 답하는 법을 배운다.",
 ]
+
+HELDOUT_FACT_SHARE = 0.2  # of the fact combinations, stated only in the held-out domain text
+
+
+def heldout_fact(seed: int, relation: int, name: str, value: str) -> bool:
+    """Whether this fact belongs to the held-out-only slice (a sha256 of seed and fact: no hash-seed dependence)."""
+    digest = hashlib.sha256(f"{seed}|{relation}|{name}|{value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < HELDOUT_FACT_SHARE * 2**64
+
 
 GENERAL_SUBJECTS = ["오늘 아침", "지난 주말", "어제 저녁", "내일 오후", "이번 겨울", "작년 여름"]
 GENERAL_EVENTS = ["비가 많이 내렸다", "시장에 사람이 붐볐다", "도서관이 일찍 문을 닫았다",
@@ -115,17 +135,22 @@ def make_items(rng: random.Random, n: int, start: int, mix: dict[str, float], nu
     return [make_item(rng, start + i, t, a, num_choices) for i, (t, a) in enumerate(items)]
 
 
-def domain_sentence(rng: random.Random) -> str:
+def domain_sentence(rng: random.Random, seed: int) -> str:
     """A sentence of the demo domain: the passages' world, how answers are stated, fine-tuning terms.
 
     Answer statements repeat their number later in the sentence, so continued pretraining on this
-    corpus teaches the model to carry a number forward (and an ordinal word to its number).
+    corpus teaches the model to carry a number forward (and an ordinal word to its number). Facts of
+    the held-out-only slice are never drawn (they are `heldout_sentence`'s).
     """
     roll = rng.random()
     k = rng.randrange(5)
     if roll < 0.35:
-        values, fact_tpl, _ = RELATIONS[rng.randrange(len(RELATIONS))]
-        return _fill(fact_tpl, rng.choice(NAMES), rng.choice(values))
+        while True:
+            relation = rng.randrange(len(RELATIONS))
+            values, fact_tpl, _ = RELATIONS[relation]
+            name, value = rng.choice(NAMES), rng.choice(values)
+            if not heldout_fact(seed, relation, name, value):
+                return _fill(fact_tpl, name, value)
     if roll < 0.6:
         return rng.choice([f"{ORDINALS[k]} 선택지는 {k + 1}번이다.", f"정답이 {ORDINALS[k]} 선택지이면 {k + 1}번을 고른다."])
     if roll < 0.85:
@@ -134,12 +159,22 @@ def domain_sentence(rng: random.Random) -> str:
     return rng.choice(FINETUNING_SENTENCES)
 
 
+def heldout_sentence(rng: random.Random, seed: int) -> str:
+    """A held-out domain line: a fact sentence of the held-out-only slice (never a corpus line)."""
+    while True:
+        relation = rng.randrange(len(RELATIONS))
+        values, fact_tpl, _ = RELATIONS[relation]
+        name, value = rng.choice(NAMES), rng.choice(values)
+        if heldout_fact(seed, relation, name, value):
+            return _fill(fact_tpl, name, value)
+
+
 def general_sentence(rng: random.Random) -> str:
     return f"{rng.choice(GENERAL_SUBJECTS)}에는 {rng.choice(GENERAL_EVENTS)}. {rng.choice(GENERAL_TAILS)}"
 
 
 def generate(params: SampleDataParams, num_choices: int, seed: int, out_dir: Path) -> dict[str, int]:
-    """Write train/eval items and the three text files into out_dir; return row counts."""
+    """Write train/validation/eval items and the three text files into out_dir; return row counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     train = make_items(rng, params.n_train, 0, params.type_mix, num_choices)
@@ -148,16 +183,24 @@ def generate(params: SampleDataParams, num_choices: int, seed: int, out_dir: Pat
                  if (r["passage"], r["question"]) not in seen]
     # Keep the eval split balanced per type and answer after dropping the (rare) overlaps.
     eval_rows = _balanced_subset(eval_rows, params.n_eval, params.type_mix, num_choices)
+    # Validation: drawn after eval (train and eval stay what they were), no prompt of either.
+    seen |= {(r["passage"], r["question"]) for r in eval_rows}
+    validation = [r for r in make_items(rng, params.n_validation * 2, params.n_train + params.n_eval * 2,
+                                        params.type_mix, num_choices)
+                  if (r["passage"], r["question"]) not in seen]
+    validation = _balanced_subset(validation, params.n_validation, params.type_mix, num_choices)
     write_jsonl(out_dir / "train.jsonl", train)
+    write_jsonl(out_dir / "validation.jsonl", validation)
     write_jsonl(out_dir / "eval.jsonl", eval_rows)
     texts = {
-        "domain_train.txt": [domain_sentence(rng) for _ in range(params.n_domain_lines)],
-        "domain_eval.txt": [domain_sentence(rng) for _ in range(params.n_heldout_lines)],
+        "domain_train.txt": [domain_sentence(rng, seed) for _ in range(params.n_domain_lines)],
+        "domain_eval.txt": [heldout_sentence(rng, seed) for _ in range(params.n_heldout_lines)],
         "general_eval.txt": [general_sentence(rng) for _ in range(params.n_heldout_lines)],
     }
     for name, lines in texts.items():
         (out_dir / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"train": len(train), "eval": len(eval_rows), **{k: len(v) for k, v in texts.items()}}
+    return {"train": len(train), "validation": len(validation), "eval": len(eval_rows),
+            **{k: len(v) for k, v in texts.items()}}
 
 
 def _balanced_subset(rows: list[dict], n: int, mix: dict[str, float], num_choices: int) -> list[dict]:

@@ -18,8 +18,10 @@ Checkpoints (every `sft.save_steps`) go to `sft.checkpoint_dir` with the identit
 data and base hashes): rerunning after a crash resumes from the last one and ends with the same
 adapter bytes as an uninterrupted run; a checkpoint of another run is refused (or, with
 `sft.resume: fresh`, discarded). Held-out loss and answer-token accuracy are measured every
-`sft.eval_steps` (optionally with early stopping). Under `torchrun --nproc_per_node N` the same
-params train data-parallel (gloo on CPUs); only rank 0 writes and logs.
+`sft.eval_steps` (optionally with early stopping and the best checkpoint) on the validation split, never
+on eval: eval reports accuracy and decides promotion, so model selection must not have seen it.
+Under `torchrun --nproc_per_node N` the same params train data-parallel (gloo on CPUs); only rank 0
+writes and logs.
 
 The output is an adapter directory (with the tokenizer and template) that plain
 `PeftModel.from_pretrained` loads.
@@ -212,6 +214,9 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     if is_main_process():
         print(f"sft: {sft.method}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
               + (f"; resuming from {resume}" if resume else ""))
+        print(f"sft: world size {trainer.args.world_size} ({trainer.args.parallel_mode.value}), "
+              f"{trainer.args.train_batch_size * trainer.args.world_size * sft.gradient_accumulation_steps} "
+              "examples per optimizer step")
     trainer.train(resume_from_checkpoint=resume)
     # save: only the adapter (+ tokenizer, so the chat template travels with it)
     if is_main_process():
@@ -224,6 +229,14 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
                               for e in history if "eval_answer_token_accuracy" in e]}
 
 
+def validation_examples(processed: Path, limit: int) -> list[Example]:
+    """The held-out split for eval_steps, early stopping and the best checkpoint (empty when none was carved)."""
+    path = processed / "validation.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: missing (data validated before the validation split existed); rerun the validate stage")
+    return read_examples(processed, "validation", limit) if path.stat().st_size else []
+
+
 def main() -> None:
     import mlflow
 
@@ -232,7 +245,11 @@ def main() -> None:
     out_dir, model_dir = Path(sft.out_dir), Path(params.dapt.out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     processed = Path(params.validation.out_dir)
-    examples, eval_examples = read_examples(processed, "train"), read_examples(processed, "eval")
+    limit = params.validation.max_record_bytes
+    examples, eval_examples = read_examples(processed, "train", limit), validation_examples(processed, limit)
+    if sft.early_stopping_patience and not eval_examples:
+        raise DataError(f"{processed}/validation.jsonl is empty: sft.early_stopping_patience needs a validation split "
+                        "(set data.validation, or give train more than one record to carve from)")
     tokenizer = chat_tokenizer(model_dir, params.task.chat_template)
     require_fingerprint(processed, tokenizer, "sft")
     # preflight: before any weight is loaded
@@ -241,7 +258,7 @@ def main() -> None:
     if is_main_process():
         print(report.table())
     check_budget(report, sft)
-    identity = run_identity(params, model_dir, [processed / "train.jsonl", processed / "eval.jsonl"])
+    identity = run_identity(params, model_dir, [processed / "train.jsonl", processed / "validation.jsonl"])
     run = stage_run(params, "sft") if is_main_process() else contextlib.nullcontext()
     with run:
         if is_main_process():

@@ -12,6 +12,7 @@ import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pipeline.config import Params, params_hash
 
@@ -20,6 +21,31 @@ RUN_KEY_TAG = "pipeline_run_key"
 
 def tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+
+
+SECRET_KEYS = ("password", "passwd", "pwd", "token", "secret", "key", "credential")
+
+
+def redact(uri: str) -> str:
+    """A URI without credentials: the password of user:password@host and secret-looking query values."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}" if user else host
+    query = urlencode([(k, "***" if any(s in k.lower() for s in SECRET_KEYS) else v)
+                       for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+    if netloc == parts.netloc and query == urlencode(parse_qsl(parts.query, keep_blank_values=True), safe="*"):
+        return uri  # nothing secret (and sqlite:/// stays as written)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def public_params(params: Params) -> dict:
+    """The params as they may be logged or tagged: the tracking URI without credentials."""
+    raw = params.model_dump(by_alias=True)
+    raw["mlflow"]["tracking_uri"] = redact(raw["mlflow"]["tracking_uri"])
+    return raw
 
 
 def git_commit() -> tuple[str, bool]:

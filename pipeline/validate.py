@@ -5,6 +5,12 @@ text), checked by a Great Expectations suite built for its format (`pipeline.che
 the chat template the `sft` stage will use, and label-audited with the trainer's own masks. Each
 expectation has a severity: `error` stops the pipeline, `warn` is reported (params `validate.severity`).
 
+Held-out sets stay held out: eval and validation share no prompt with train, nor validation with eval
+(`leakage`); when `data.validation` is null or train's own path, validation is carved from train here
+(`validate.validation_fraction`, by a sha256 of each normalised prompt: deterministic and disjoint). No
+held-out text line (domain_eval, general_eval) may be a domain_corpus line (`heldout_overlap`), and the
+share of their word 4-grams that occur in the corpus is reported (metrics `<set>_corpus_4gram_share`).
+
 Outputs, written only when no `error` expectation failed:
 - `data/processed/`: every dataset normalised (chats as `messages`, text as `text`) plus manifest.json
   holding the chat-template fingerprint; all later stages read these files only.
@@ -36,6 +42,7 @@ METRICS_FILE = Path("metrics/validation.json")
 SITE_NAME = "validation_report"
 MAX_PRINTED = 20  # keeps stderr readable on a badly broken file; summary.json lists every violation
 MANIFEST = "manifest.json"
+LEAKAGE_REFERENCES = {"eval": ("train",), "validation": ("train", "eval")}  # split -> splits its prompts must avoid
 
 
 @dataclass
@@ -46,6 +53,7 @@ class ValidationOutcome:
     warnings: list[dict] = field(default_factory=list)  # `warn` failures
     stats: dict[str, dict] = field(default_factory=dict)  # per chat dataset: token lengths, trainable share
     dropped: dict[str, list[str]] = field(default_factory=dict)  # overlong records left out (validate.overlong=drop)
+    overlap: dict[str, dict] = field(default_factory=dict)  # per held-out text: how much of it the corpus holds
     fingerprint: str | None = None
 
     def add(self, severity: str, file, where: str | None, record_id, rule: str, message: str) -> None:
@@ -62,6 +70,8 @@ class ValidationOutcome:
                 "errors": len(self.violations), "warnings": len(self.warnings), "success": self.success}
         for name, s in self.stats.items():
             out |= {f"{name}_tokens_p95": s["tokens"]["p95"], f"{name}_trainable_share": s["trainable_share"]}
+        for name, o in self.overlap.items():
+            out |= {f"{name}_corpus_line_share": o["line_share"], f"{name}_corpus_{o['n']}gram_share": o["ngram_share"]}
         return out
 
 
@@ -90,9 +100,10 @@ def run_suites(splits: list[Split], params: Params, tokenizer, stop_ids: set[int
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(report_dir.resolve())},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
     source = ctx.data_sources.add_pandas("datasets")
-    train = next((s for s in splits if s.name == "train"), None)
+    by_name = {s.name: s for s in splits}
     for split in splits:
-        rules = build_rules(split, params, train if split.name == "eval" else None, stop_ids, tokenizer)
+        references = [by_name[r] for r in LEAKAGE_REFERENCES.get(split.name, ()) if r in by_name]
+        rules = build_rules(split, params, references, stop_ids, tokenizer)
         suite = ctx.suites.add(gx.ExpectationSuite(name=f"{split.name}_{split.fmt}"))
         for rule in rules:
             suite.add_expectation(rule.expectation)
@@ -166,7 +177,7 @@ def validate_datasets(params: Params, report_dir: str | Path,
     """Check every dataset; replace report_dir with Data Docs, summary.json and the label audit. Unreadable
     files raise DataError before anything is written; every other problem is a violation in the outcome."""
     from pipeline.chat import chat_tokenizer, stop_token_ids, template_fingerprint
-    from pipeline.checks import Split, prepare
+    from pipeline.checks import HELDOUT_TEXTS, NGRAM, Split, carve_validation, corpus_overlap, mark_corpus_copies, prepare
 
     records = read_datasets(params) if records is None else records
     report_dir = Path(report_dir)
@@ -185,6 +196,15 @@ def validate_datasets(params: Params, report_dir: str | Path,
         outcome.fingerprint = template_fingerprint(tokenizer)
         for split in splits:
             prepare(split, params, tokenizer)
+        if params.data.carves_validation and (train := next((s for s in splits if s.name == "train"), None)):
+            carved = carve_validation(train, params.validation.validation_fraction)
+            splits[splits.index(train):splits.index(train) + 1] = carved
+            outcome.rows = {s.name: len(s.records) for s in splits}
+        corpus = next((s for s in splits if s.name == "domain_corpus"), None)
+        for split in splits:
+            if split.name in HELDOUT_TEXTS and corpus is not None:
+                mark_corpus_copies(split, corpus)
+                outcome.overlap[split.name] = {**corpus_overlap(split, corpus), "n": NGRAM}
         run_suites(splits, params, tokenizer, stop_ids, report_dir, outcome)
         (report_dir / "label_audit.md").write_text(
             label_audit(splits, tokenizer, stop_ids, outcome, params.validation.audit_examples), encoding="utf-8")
@@ -205,19 +225,23 @@ def write_processed(splits: list[Split], params: Params, outcome: ValidationOutc
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        counts = {}
+        counts, longest = {}, {}
         for split in splits:
             dropped = set(outcome.dropped.get(split.name, ()))
             if split.is_chat:
                 rows = [e.to_json() for e in split.examples if e is not None and e.source not in dropped]
             else:
                 rows = [{"text": r.value["text"]} for r in split.records]
-            write_jsonl(tmp / f"{split.name}.jsonl", rows)
+            # normalised, a record can outgrow its input line (an MCQ item as a chat): the processed-data readers
+            # accept up to this (pipeline.formats.processed_record_limit), so nothing validated is refused later
+            longest[split.name] = write_jsonl(tmp / f"{split.name}.jsonl", rows)
             counts[split.name] = len(rows)
         base, revision = resolve_model(params.base.out_dir)
         manifest = {"template_fingerprint": outcome.fingerprint, "base": base, "revision": revision,
-                    "chat_template_file": params.task.chat_template, "rows": counts,
-                    "dropped": outcome.dropped, "datasets": params.data.model_dump()}
+                    "chat_template_file": params.task.chat_template, "rows": counts, "max_line_bytes": longest,
+                    "dropped": outcome.dropped, "datasets": params.data.model_dump(),
+                    "validation_carved_from_train": params.validation.validation_fraction
+                    if params.data.carves_validation else None}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         tmp.chmod(0o755)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -243,6 +267,9 @@ def print_report(outcome: ValidationOutcome, report_dir: Path) -> None:
             print(f"validate: {name}: tokens min {t['min']} / median {t['median']} / p95 {t['p95']} / max {t['max']}, "
                   f"trainable share {s['trainable_share']:.1%}"
                   + (f", {len(outcome.dropped[name])} overlong dropped" if outcome.dropped.get(name) else ""))
+    for name, o in outcome.overlap.items():
+        print(f"validate: {name} vs domain_corpus: {o['line_share']:.1%} of {o['lines']} lines are corpus lines, "
+              f"{o['ngram_share']:.1%} of {o['ngrams']} word {o['n']}-grams occur in the corpus")
     m = outcome.metrics()
     print(f"validate: {', '.join(f'{k} {v}' for k, v in outcome.rows.items())}; "
           f"{m['expectations'] - m['failed']}/{m['expectations']} expectations passed, {m['errors']} errors, "

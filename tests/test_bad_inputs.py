@@ -35,7 +35,7 @@ CASE_KEYS = {"description", "replace", "format", "params", "exit", "expect", "ex
 # Small enough that a good validate run takes seconds and a full `dvc repro` well under a minute.
 TINY = {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128, "vocab_size": 600,
         "max_position_embeddings": 256}
-SAMPLE = {"n_train": 40, "n_eval": 12, "n_domain_lines": 50, "n_heldout_lines": 10}
+SAMPLE = {"n_train": 40, "n_eval": 12, "n_validation": 10, "n_domain_lines": 50, "n_heldout_lines": 10}
 TWO_GIB = 2 * 1024**3
 # Part b runs every case that stops before the heavy imports (exit 2: a few seconds each) and these failed-
 # expectation cases (exit 1: ~20 s each); BAD_INPUTS_DVC=all runs every case through dvc (~7 more minutes).

@@ -78,9 +78,12 @@ def test_the_gate_passes_each_family_and_warns_about_mistral(models, tmp_path):
     eval_.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[4:]), encoding="utf-8")
     text = tmp_path / "text.txt"
     text.write_text("문서 하나.\n문서 둘.\n", encoding="utf-8")
+    held_out = tmp_path / "held_out.txt"  # not a corpus line (heldout_overlap)
+    held_out.write_text("문서 셋.\n", encoding="utf-8")
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     raw["data"] = {"train": {"path": str(train), "format": "messages"}, "eval": {"path": str(eval_), "format": "messages"},
-                   **{k: {"path": str(text), "format": "text"} for k in ("domain_corpus", "domain_eval", "general_eval")}}
+                   "domain_corpus": {"path": str(text), "format": "text"},
+                   **{k: {"path": str(held_out), "format": "text"} for k in ("domain_eval", "general_eval")}}
     raw["register"]["gate_metric"] = "tuned_rougeL"
     for family in FAMILIES:
         raw["base"]["out_dir"] = str(models[family])

@@ -40,7 +40,13 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["validate"]["severity"].update(roles_known="warn"), "validate.severity.roles_known"),
         (lambda r: r["validate"]["severity"].update(spelling="warn"), "validate.severity.spelling: unknown rule"),
         (lambda r: r["validate"].update(overlong="truncate"), "validate.overlong"),
-        (lambda r: r["data"]["eval"].update(format="messages"), "register.gate_metric: tuned_accuracy needs an mcq"),
+        (lambda r: r["data"]["validation"].update(format="text"), "data.validation.format must be one of"),
+        (lambda r: r["data"].update(validation={"path": r["data"]["train"]["path"], "format": "messages"}),
+         "data.validation.format must then be data.train.format (mcq)"),
+        (lambda r: r["validate"].update(validation_fraction=1.0), "validate.validation_fraction"),
+        (lambda r: r["validate"]["severity"].update(heldout_overlap="sometimes"), "validate.severity.heldout_overlap"),
+        (lambda r: r["data"]["eval"].update(format="messages"),
+         "register.gate_metric: 'tuned_accuracy' is not a metric the evaluate stage reports for data.eval.format messages"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, capsys, mutate, key):

@@ -126,3 +126,59 @@ def test_served_deployment_runs_on_temporary_server(prefect_server, project_copy
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait()
+
+
+def lock_events(project: Path) -> list[dict]:
+    import json
+
+    path = project / ".dvc/tmp/pipeline-lock.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_two_pipeline_executions_never_interleave(prefect_server, project_copy):
+    """A manual run (what `make run` does: `python -m flows.lock dvc repro`) and a Prefect flow run against
+    one checkout: the flow waits for the lock, its stages start only after the manual run ended; a flow
+    that cannot get the lock in time fails saying who holds it. Two real processes each time."""
+    from tests.conftest import venv_env
+
+    env = venv_env(PREFECT_API_URL=prefect_server)
+    manual = subprocess.Popen([sys.executable, "-m", "flows.lock", sys.executable, "-m", "dvc", "repro",
+                               "sample_data", "base"], cwd=project_copy, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not any(e["event"] == "acquired" for e in lock_events(project_copy)):
+        assert manual.poll() is None and time.monotonic() < deadline, manual.communicate()[0][-3000:]
+        time.sleep(0.1)
+    code = ("from flows.pipeline_flow import finetune_pipeline; import sys; "
+            "s = finetune_pipeline(project_dir='.', stages=['sample_data', 'base'], return_state=True); "
+            "print('STATE', s.type.value); sys.exit(0 if s.is_completed() else 1)")
+    scheduled = subprocess.run([sys.executable, "-c", code], cwd=project_copy, env=env, capture_output=True,
+                               text=True, timeout=300)
+    manual_out = manual.communicate(timeout=300)[0]
+    assert manual.returncode == 0, manual_out[-3000:]
+    assert scheduled.returncode == 0, (scheduled.stdout + scheduled.stderr)[-3000:]
+    assert "waiting for the pipeline lock" in scheduled.stdout + scheduled.stderr
+    events = lock_events(project_copy)
+    by_pid: dict[int, dict[str, float]] = {}
+    for e in events:
+        by_pid.setdefault(e["pid"], {})[e["event"]] = e["time"]
+    assert len(by_pid) == 2, events
+    first, second = sorted(by_pid.values(), key=lambda t: t["acquired"])
+    assert "wait" in second and second["wait"] < first["released"] <= second["acquired"], events
+    assert lock_stages(project_copy) == {"sample_data", "base"}
+
+    # The lock held (here by a sleeping command) past the flow's timeout: the flow fails and says why.
+    holder = subprocess.Popen([sys.executable, "-m", "flows.lock", "sleep", "60"], cwd=project_copy, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while sum(e["event"] == "acquired" for e in lock_events(project_copy)) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        state = finetune_pipeline(project_dir=str(project_copy), stages=["sample_data"], lock_timeout_s=1,
+                                  return_state=True)
+        assert state.is_failed(), state
+        message = str(state.result(raise_on_failure=False))
+        assert "another pipeline execution holds" in message and "sleep 60" in message, message
+    finally:
+        holder.kill()
+        holder.wait()

@@ -238,10 +238,12 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
         stage.main()
 
     manifest = json.loads((tmp_path / "data/processed/manifest.json").read_text(encoding="utf-8"))
-    assert manifest["rows"]["train"] == 40 and manifest["rows"]["eval"] == 10
-    processed = [json.loads(line) for line in (tmp_path / "data/processed/train.jsonl").open(encoding="utf-8")]
+    rows = manifest["rows"]  # no data.validation here: validate carves validate.validation_fraction of train
+    assert rows["train"] + rows["validation"] == 40 and rows["validation"] == 4 and rows["eval"] == 10
+    processed = [json.loads(line) for name in ("train", "validation")
+                 for line in (tmp_path / f"data/processed/{name}.jsonl").open(encoding="utf-8")]
     assert processed[0]["messages"][-1]["role"] == "assistant"
-    assert processed[0]["source"].endswith(("train.jsonl:1", "train.parquet[0]", "shard-0.jsonl:1"))
+    assert any(p["source"].endswith(("train.jsonl:1", "train.parquet[0]", "shard-0.jsonl:1")) for p in processed)
     adapter = tmp_path / "models/adapter"
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     assert template_fingerprint(tokenizer) == manifest["template_fingerprint"]  # travels with the adapter
@@ -253,6 +255,10 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
     else:
         assert metrics["tuned_answer_loss"] > 0 and 0 <= metrics["tuned_rougeL"] <= 1
         assert "tuned_answer_ppl" in metrics and "base_rougeL" in metrics
+    from pipeline.config import EVAL_METRICS, eval_kind  # the catalog the gate/guard check uses is what was reported
+
+    reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith("tuned_accuracy_")}
+    assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS[eval_kind(fmt)]}, reported
     assert 0 <= metrics["tuned_eos_rate"] <= 1
     if fmt == "text":  # DAPT on the sharded corpus lowers held-out (Parquet) domain perplexity
         assert (tmp_path / "models/dapt/model.safetensors").is_file()

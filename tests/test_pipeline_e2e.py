@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import MODEL_NAME, dvc, git, mlflow_ui, venv_env
+from tests.conftest import MODEL_NAME, REPO_ROOT, dvc, git, mlflow_ui, venv_env
 
 # The MLflow UI in headless Chromium, on this module's pipeline run (tests/ui_browser.py). Imported here so
 # that `pytest -n 2 --dist loadfile` runs it in the same worker: the default pipeline runs once.
@@ -41,6 +44,11 @@ def test_tuned_model_beats_base_and_dapt_lowers_domain_perplexity(pipeline_run):
     assert tuned_acc == pytest.approx(metrics["tuned_accuracy"])
     for kind in ("explicit", "ordinal", "lookup"):
         assert 0.0 <= metrics[f"tuned_accuracy_{kind}"] <= 1.0
+    # The catalog the params check uses (gate and guards) is exactly what evaluate reports for an mcq eval set.
+    from pipeline.config import EVAL_METRICS
+
+    reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith("tuned_accuracy_")}
+    assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS["mcq"]}, reported
     # Generation: the tuned model answers and stops; the random base does neither.
     assert metrics["tuned_eos_rate"] > metrics["base_eos_rate"]
     assert metrics["tuned_generation_em"] > metrics["base_generation_em"]
@@ -94,7 +102,12 @@ def test_registry_holds_champion_version_with_lineage(pipeline_run, client):
     assert json.loads(tags["params_json"])["sft"]["quantization"] == tags["sft.quantization"] == "nf4"
     assert len(tags["chat_template_sha256"]) == 64
     assert {"lib.torch", "lib.transformers", "lib.peft", "lib.trl", "lib.bitsandbytes"} <= set(tags)
-    assert "beats base" in tags["promotion"]
+    assert "beats base" in tags["promotion"] and "champion numbers: none (no champion)" in tags["promotion"]
+    assert tags["adapter_sha256"] == sha256(project / "models/adapter/adapter_model.safetensors")
+    assert tags["adapter_base_uri"].startswith("runs:/") and tags["adapter_base_revision"] == "None"
+    assert tags["pipeline_run_key"] == "e2e-first-run"
+    assert tags["machine_class"] and {"machine.cpu_capability", "machine.torch", "machine.cuda"} <= set(tags)
+    assert tags["git_dirty"] == "False"
     run = client.get_run(version.run_id)
     assert run.data.tags["stage"] == "register"
     parent_id = run.data.tags["mlflow.parentRunId"]
@@ -154,9 +167,19 @@ def test_predict_from_champion_reproduces_the_evaluated_accuracy(pipeline_run, t
 def test_pyfunc_loads_the_champion_and_generates(pipeline_run, client):
     import mlflow
 
+    from transformers import AutoTokenizer
+
+    from pipeline.formats import prompt_of, read_examples
+
+    project = pipeline_run["project"]
+    example = read_examples(project / "data/processed", "eval")[0]
+    tokenizer = AutoTokenizer.from_pretrained(project / "models/adapter")
+    prompt = tokenizer.apply_chat_template(prompt_of(example), tokenize=False, add_generation_prompt=True)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
-    out = model.predict(["지문을 읽고 질문의 답을 구하세요."])
+    out = model.predict([prompt], params={"max_new_tokens": 4, "do_sample": False})
     assert len(out) == 1 and isinstance(out[0], str)
+    answer = out[0].removeprefix(prompt).strip()
+    assert answer[:1].isdigit() and 1 <= int(answer[:1]) <= len(example.choices), out
 
 
 def test_predict_refuses_an_unknown_version(pipeline_run):
@@ -179,7 +202,7 @@ def test_merged_model_matches_base_plus_adapter(pipeline_run, tmp_path):
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
-def test_no_better_adapter_stays_challenger_and_rollback_restores(pipeline_run, client):
+def test_register_again_adopts_the_version_and_a_retry_finishes_an_interrupted_one(pipeline_run, client):
     project = pipeline_run["project"]
     # Evaluate again, now with a champion in the registry: it is scored on the same items in the same run,
     # and since it is this very adapter its numbers equal the tuned model's.
@@ -190,22 +213,64 @@ def test_no_better_adapter_stays_challenger_and_rollback_restores(pipeline_run, 
     assert metrics["champion_accuracy"] == metrics["tuned_accuracy"]
     assert metrics["champion_eos_rate"] == metrics["tuned_eos_rate"]
     assert "champion,{:.4f}".format(metrics["champion_accuracy"]) in (project / "plots/accuracy.csv").read_text()
-    # Register the same adapter again: it does not beat the champion, so it must not take the alias.
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    scored = json.loads((project / "reports/champion.json").read_text())
+    assert scored["scored"] and scored["version"] == "1"
+    assert scored["adapter_sha256"] == champion.tags["adapter_sha256"] == sha256(
+        project / "models/adapter/adapter_model.safetensors")
+
+    def versions() -> list[str]:
+        return sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'"))
+
+    # A rerun (or a Prefect retry) of register with the same adapter adopts version 1: no duplicate.
     proc = run_module(project, pipeline_run["uri"], "pipeline.register")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    second = client.get_model_version_by_alias(MODEL_NAME, "challenger")
-    assert str(second.version) == "2" and "does not beat the champion" in second.tags["promotion"]
-    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
-    # Promote it the way the register stage does, then roll back with the command.
-    client.set_registered_model_alias(MODEL_NAME, "champion", "2")
-    client.set_model_version_tag(MODEL_NAME, "2", "previous_champion", "1")
-    proc = run_module(project, pipeline_run["uri"], "pipeline.rollback")
+    assert "already version 1; adopting it" in proc.stdout, proc.stdout
+    assert versions() == ["1"]
+    # A registration interrupted after the version was made, before the gate ran: the retry finishes it.
+    client.delete_model_version_tag(MODEL_NAME, "1", "promotion")
+    proc = run_module(project, pipeline_run["uri"], "pipeline.register")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
-    assert "moved back to version 1" in client.get_model_version(MODEL_NAME, "2").tags["rolled_back"]
-    # Version 1 was the first champion: a second rollback has nowhere to go and says so.
-    proc = run_module(project, pipeline_run["uri"], "pipeline.rollback")
-    assert proc.returncode == 2 and "nothing to roll back to" in proc.stderr
+    assert versions() == ["1"]
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert str(version.version) == "1" and "already the champion" in version.tags["promotion"]
+    assert json.loads((project / "reports/registry.json").read_text())["alias"] == "champion"
+
+
+def test_the_registered_base_outlives_a_later_dapt_run_and_prompts_follow_the_version(pipeline_run, client, tmp_path):
+    """Register, change DAPT params and rerun DAPT (models/dapt is overwritten), change the checkout's task
+    prompt, then predict from the old champion: it loads its own base artifact and renders items with its own
+    task params, so it reproduces exactly the predictions the evaluate stage made."""
+    project = pipeline_run["project"]
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert version.tags["adapter_base_uri"].startswith("runs:/"), version.tags["adapter_base_uri"]
+    saved = tmp_path / "saved"
+    shutil.copytree(project / "models/dapt", saved / "dapt")
+    for name in ("dvc.lock", "params.yaml", "plots/dapt_loss.csv"):
+        (saved / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project / name, saved / name)
+    dapt_before = sha256(project / "models/dapt/model.safetensors")
+    status_before = dvc(project, "status", MLFLOW_TRACKING_URI=pipeline_run["uri"]).stdout
+    try:
+        params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+        params["dapt"]["max_steps"] = 20
+        params["task"]["system_prompt"] = "다음 글을 읽고 답하세요."
+        (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+        dvc(project, "repro", "--single-item", "dapt", MLFLOW_TRACKING_URI=pipeline_run["uri"])
+        assert sha256(project / "models/dapt/model.safetensors") != dapt_before
+        out = tmp_path / "predictions.jsonl"
+        proc = run_module(project, pipeline_run["uri"], "pipeline.predict", "--model-uri",
+                          f"models:/{MODEL_NAME}@champion", "--input", "data/sample/eval.jsonl", "--output", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        evaluated = [json.loads(line) for line in (project / "reports/predictions.jsonl").read_text().splitlines()]
+        assert [json.loads(line)["prediction"] for line in out.read_text().splitlines()] == \
+            [e["tuned_prediction"] for e in evaluated]
+    finally:
+        shutil.rmtree(project / "models/dapt")
+        shutil.copytree(saved / "dapt", project / "models/dapt")
+        for name in ("dvc.lock", "params.yaml", "plots/dapt_loss.csv"):
+            shutil.copy2(saved / name, project / name)
+    assert dvc(project, "status", MLFLOW_TRACKING_URI=pipeline_run["uri"]).stdout == status_before
 
 
 def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
@@ -234,6 +299,8 @@ def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
     lock_after = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock_after["stages"]["sft"] == lock_before["stages"]["sft"]
     assert {str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")} == versions_before
+    git(project, "checkout", "params.yaml")  # the user's data goes; the later tests use the shipped params
+    shutil.rmtree(project / "data/own")
 
 
 def test_interactive_chat_streams_an_answer_from_the_champion(pipeline_run):
@@ -269,3 +336,102 @@ def test_dvc_metrics_and_plots_diff_against_the_committed_run(pipeline_run, tmp_
             assert plot in html, plot
     finally:
         git(project, "checkout", "metrics/eval.json")
+
+
+def readme_commands() -> list[str]:
+    """The dvc commands of the README's params section and every line of its "Using a registered adapter" block."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    dvc_commands = re.findall(r"`(\.venv/bin/dvc (?:exp run|exp show|metrics diff)[^`]*)`", text)
+    section = text.split("## Using a registered adapter", 1)[1]
+    block = section.split("```", 2)[1]
+    adapter_commands = [line.split("  #")[0].strip() for line in block.strip().splitlines() if line.strip()]
+    return dvc_commands + adapter_commands
+
+
+def bare_env(uri: str) -> dict[str, str]:
+    """A user's shell: no venv activated, nothing of the venv on PATH, no PIPELINE_PYTHON."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PIPELINE_PYTHON", "PIPELINE_RUN_KEY",
+                                                             "PYTHONPATH")}
+    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+    env["MLFLOW_TRACKING_URI"] = uri
+    return env
+
+
+def test_readme_commands_run_as_written_without_the_venv_on_path(pipeline_run, client, tmp_path):
+    """Each command parsed from README.md, typed as written in the project (whose .venv is the venv these tests
+    run in), with a PATH that has no venv on it: the stages run through bin/stage, not the system python.
+    `reproduce` re-creates the whole pipeline in a worktree (minutes): it runs in the extended tier
+    (tests/test_bad_inputs.py), parsed from the README the same way."""
+    project = pipeline_run["project"]
+    venv = Path(sys.prefix)
+    assert str(venv) not in bare_env("")["PATH"]
+    (project / ".venv").symlink_to(venv, target_is_directory=True)
+    shutil.copytree(project, tmp_path / "before-experiment", symlinks=True)  # for the concurrent registrations
+    pipeline_run["before_experiment"] = tmp_path / "before-experiment"
+    commands = readme_commands()
+    assert [c.split()[1] if c.startswith(".venv/bin/dvc") else c.split()[2] for c in commands] == \
+        ["exp", "exp", "metrics", "pipeline.predict", "pipeline.interactive", "pipeline.merge", "pipeline.rollback",
+         "pipeline.reproduce"], commands
+    results = {}
+    for command in commands:
+        if "pipeline.reproduce" in command:
+            continue
+        stdin = "지문을 읽고 답하세요\n\n" if "pipeline.interactive" in command else ""
+        proc = subprocess.run(["bash", "-c", command], cwd=project, env=bare_env(pipeline_run["uri"]), input=stdin,
+                              capture_output=True, text=True, timeout=900)
+        results[command.split()[2] if command.startswith(".venv/bin/python") else " ".join(command.split()[:3])] = proc
+        output = proc.stdout + proc.stderr
+        assert "ModuleNotFoundError" not in output and "Traceback" not in output, (command, output[-3000:])
+        if "pipeline.rollback" in command:
+            # Rolling back needs a previous champion: there is one only if the experiment was promoted.
+            promoted = "previous_champion" in client.get_model_version_by_alias(MODEL_NAME, "champion").tags
+            assert proc.returncode == (0 if promoted else 2), (command, output[-3000:])
+            assert ("moved from version" if promoted else "nothing to roll back to") in output, output[-3000:]
+            continue
+        assert proc.returncode == 0, (command, output[-3000:])
+    assert "Running stage 'sft'" in results[".venv/bin/dvc exp run"].stdout
+    experiment = client.get_model_version(MODEL_NAME, "2")  # the experiment's adapter, registered by its run
+    assert json.loads(experiment.tags["params_json"])["sft"]["max_steps"] != 200
+    assert experiment.tags["git_dirty"] == "True"  # `-S` edits params.yaml: the commit alone does not describe it
+    assert "champion numbers: version 1 re-scored in this run" in experiment.tags["promotion"], experiment.tags
+    assert "max_steps" in results[".venv/bin/dvc exp show"].stdout
+    assert "tuned_accuracy" in results[".venv/bin/dvc metrics diff"].stdout
+    assert len((project / "preds.jsonl").read_text().splitlines()) == 150
+    assert "chat with models:/" in results["pipeline.interactive"].stderr
+    assert (project / "models/merged/model.safetensors").is_file()
+
+
+def test_two_concurrent_registrations_promote_the_better_adapter_once(pipeline_run, tmp_path):
+    """Two real `register` processes at the same moment against one fresh registry: the first-trained adapter
+    (200 steps, the checkout before the README's experiment) and the experiment's. The registry lock serialises
+    them, so the second decision sees the first: exactly the better adapter ends as champion, and if it came
+    second it names the first as previous_champion (without the lock both would see "no champion yet")."""
+    from mlflow import MlflowClient
+
+    dirs = [pipeline_run["before_experiment"], pipeline_run["project"]]
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.register"], cwd=d, env=venv_env(MLFLOW_TRACKING_URI=uri),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for d in dirs]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    client = MlflowClient(uri)
+    versions = {str(v.version): client.get_model_version(MODEL_NAME, v.version)
+                for v in client.search_model_versions(f"name = '{MODEL_NAME}'")}
+    assert sorted(versions) == ["1", "2"] and all("promotion" in v.tags for v in versions.values())
+    accuracy = {n: float(v.tags["metric.tuned_accuracy"]) for n, v in versions.items()}
+    base = float(versions["1"].tags["metric.base_accuracy"])
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    # The better one wins; on a tie the first registered keeps the alias (a tie never promotes).
+    best = max(sorted(accuracy), key=lambda n: (accuracy[n], -int(n)))
+    assert str(champion.version) == best and accuracy[best] > base, (accuracy, base)
+    other = versions["2" if best == "1" else "1"]
+    if best == "2" and accuracy["1"] > base:
+        assert champion.tags["previous_champion"] == "1", champion.tags
+        assert "champion numbers: registered tags of version 1" in champion.tags["promotion"]
+        proc = subprocess.run([sys.executable, "-m", "pipeline.rollback"], cwd=dirs[0], capture_output=True,
+                              text=True, env=venv_env(MLFLOW_TRACKING_URI=uri))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+        assert "moved back to version 1" in client.get_model_version(MODEL_NAME, "2").tags["rolled_back"]
+    elif best == "1":
+        assert "does not beat" in other.tags["promotion"], other.tags["promotion"]

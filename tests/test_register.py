@@ -50,3 +50,60 @@ def test_guard_regression_blocks_promotion(params, guard, value):
 def test_guard_within_tolerance_allows_promotion(params):
     champion = {**METRICS, "tuned_accuracy": 0.7}
     assert promotion_decision(params, {**METRICS, "tuned_eos_rate": 0.97, "tuned_ppl_general": 110.0}, champion)[0]
+
+
+def chat_params(params, gate: str, guards: list[dict] | None = None):
+    """The shipped params with a chat eval set and another gate, validated as params.yaml would be."""
+    from pipeline.config import Params
+
+    raw = params.model_dump(by_alias=True)
+    raw["data"]["eval"]["format"] = "messages"
+    raw["register"]["gate_metric"] = gate
+    raw["register"]["guards"] = guards or []
+    return Params.model_validate(raw)
+
+
+LOSSES = {"tuned_answer_loss": 1.0, "base_answer_loss": 3.0}
+
+
+def test_a_loss_gate_is_lower_is_better_against_the_base(params):
+    strict = chat_params(params, "tuned_answer_loss")
+    assert promotion_decision(strict, LOSSES, None)[0]  # the tuned loss is lower than the base's: promoted
+    promoted, reason = promotion_decision(strict, {**LOSSES, "tuned_answer_loss": 4.0}, None)
+    assert not promoted and "does not beat the base" in reason and "lower is better" in reason
+
+
+def test_a_worse_loss_never_becomes_champion(params):
+    strict = chat_params(params, "tuned_answer_loss")
+    promoted, reason = promotion_decision(strict, LOSSES, {"tuned_answer_loss": 0.8})  # champion's loss is lower
+    assert not promoted and "does not beat the champion" in reason
+    assert promotion_decision(strict, LOSSES, {"tuned_answer_loss": 1.2})[0]  # a lower loss than the champion's
+
+
+def test_perplexity_guard_direction_comes_from_the_metric(params):
+    guarded = chat_params(params, "tuned_rougeL", [{"metric": "tuned_ppl_general", "tolerance": 0.1}])
+    metrics = {"tuned_rougeL": 0.6, "base_rougeL": 0.2, "tuned_ppl_general": 100.0}
+    assert promotion_decision(guarded, metrics, {"tuned_rougeL": 0.5, "tuned_ppl_general": 105.0})[0]
+    promoted, reason = promotion_decision(guarded, metrics, {"tuned_rougeL": 0.5, "tuned_ppl_general": 80.0})
+    assert not promoted and "guard tuned_ppl_general regressed" in reason
+
+
+@pytest.mark.parametrize("gate, guards, message", [
+    ("tuned_acuracy", [], "register.gate_metric: 'tuned_acuracy' is not a metric"),
+    ("tuned_rougeL", [], "register.gate_metric: 'tuned_rougeL' is not a metric"),  # chat metric, mcq eval set
+    ("tuned_accuracy", [{"metric": "tuned_eos_rat", "tolerance": 0.1}], "register.guards[0].metric"),
+    ("tuned_accuracy", [{"metric": "tuned_ppl_general", "higher_is_better": True, "tolerance": 0.1}],
+     "tuned_ppl_general is lower-is-better"),
+])
+def test_a_gate_or_guard_typo_is_refused_when_params_load(params, gate, guards, message):
+    from pydantic import ValidationError
+
+    from pipeline.config import Params
+
+    raw = params.model_dump(by_alias=True)
+    raw["register"]["gate_metric"], raw["register"]["guards"] = gate, guards
+    with pytest.raises(ValidationError) as exc:
+        Params.model_validate(raw)
+    assert message in str(exc.value)
+    if "is not a metric" in message:
+        assert "valid: tuned_accuracy, tuned_generation_em, tuned_eos_rate" in str(exc.value)

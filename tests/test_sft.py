@@ -35,15 +35,17 @@ def project(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("sft")
     params = load_params(REPO / "params.yaml")
-    generate(params.sample_data.model_copy(update={"n_train": 48, "n_eval": 12, "n_domain_lines": 40,
-                                                   "n_heldout_lines": 10}), 5, params.seed, root / "data")
+    generate(params.sample_data.model_copy(update={"n_train": 48, "n_eval": 12, "n_validation": 12,
+                                                   "n_domain_lines": 40, "n_heldout_lines": 10}), 5, params.seed,
+             root / "data")
     texts = [m["content"] for r in read_records(root / "data/train.jsonl") for m in
              to_example(r, "mcq", params.task).messages]
     build_tiny_base(texts + [r.value["text"] for r in read_records(root / "data/domain_train.txt")], TINY,
                     params.seed, root / "models/base")
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     raw["data"] = {n: {"path": f"data/{f}", "format": fmt} for n, f, fmt in (
-        ("train", "train.jsonl", "mcq"), ("eval", "eval.jsonl", "mcq"), ("domain_corpus", "domain_train.txt", "text"),
+        ("train", "train.jsonl", "mcq"), ("validation", "validation.jsonl", "mcq"), ("eval", "eval.jsonl", "mcq"),
+        ("domain_corpus", "domain_train.txt", "text"),
         ("domain_eval", "domain_eval.txt", "text"), ("general_eval", "general_eval.txt", "text"))}
     raw["base"]["tiny"] = TINY.model_dump()
     raw["dapt"]["out_dir"] = "models/base"  # DAPT off: train on the base directly
@@ -154,6 +156,34 @@ def test_a_checkpoint_of_another_run_is_refused(project, tmp_path):
     assert resume_point(tmp_path / "ckpt", other, "fresh") is None and not (tmp_path / "ckpt").exists()
 
 
+def test_the_stage_selects_on_validation_never_on_eval(project, monkeypatch):
+    """Held-out loss, early stopping and the best checkpoint see the validation split, and the checkpoint identity
+    covers it; eval (accuracy, promotion) never reaches training."""
+    from pipeline import sft
+    from pipeline.data import read_jsonl
+
+    seen = {}
+
+    def train_adapter(model_dir, examples, tokenizer, params, out_dir, eval_examples=None, checkpoint_dir=None,
+                      identity=None, callbacks=None):
+        seen.update(train=examples, held_out=eval_examples, identity=identity)
+        return {"train": [], "eval": [], "eval_accuracy": []}
+
+    monkeypatch.setattr(sft, "train_adapter", train_adapter)
+    write_params(project, params_with(project, out_dir="models/v"))
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PIPELINE_RUN_KEY", "sft-tests")
+    sft.main()
+    processed = project / "data/processed"
+    validation = [r["id"] for r in read_jsonl(processed / "validation.jsonl")]
+    assert [e.id for e in seen["held_out"]] == validation and len(validation) == 12
+    eval_ids = {r["id"] for r in read_jsonl(processed / "eval.jsonl")}
+    assert not eval_ids & {e.id for e in seen["held_out"] + seen["train"]}
+    data = (processed / "train.jsonl").read_bytes() + (processed / "validation.jsonl").read_bytes()
+    assert seen["identity"]["data_sha256"] == hashlib.sha256(data).hexdigest()
+
+
 def test_preflight_refuses_an_over_budget_config(project, monkeypatch, capsys):
     from pipeline import sft
     from pipeline.config import run_cli
@@ -205,18 +235,20 @@ def test_every_method_trains_an_adapter_plain_peft_loads(project, tmp_path, vari
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline.chat import chat_tokenizer
-    from pipeline.config import Params
-    from pipeline.formats import read_examples
-    from pipeline.sft import train_adapter
-
-    raw = params_with(project, **{"max_steps": 8, "save_steps": None, **variant})
-    params = Params.model_validate(raw)
-    tokenizer = chat_tokenizer(project / "models/base")
-    processed = project / "data/processed"
-    logs = train_adapter(project / "models/base", read_examples(processed, "train"), tokenizer, params,
-                         tmp_path / "adapter", read_examples(processed, "eval"))
+    recorder = BatchRecorder()
+    logs = train_variant(project, tmp_path / "adapter", variant, recorder)
     assert logs["train"] and logs["eval"]  # training and held-out loss were logged
+    plain = plain_run(project)
+    # The option took effect, seen in what the trainer ran:
+    if variant.get("packing"):  # bfd packing is padding-free: one row of concatenated examples per batch
+        assert {s[0] for s in recorder.shapes} == {1} and {s[0] for s in plain["recorder"].shapes} == {4}, \
+            (recorder.shapes, plain["recorder"].shapes)
+    quantized = {"nf4": "Linear4bit", "fp4": "Linear4bit", "int8": "Linear8bitLt"}
+    expected = quantized.get(variant.get("quantization", "nf4"))  # nf4 QLoRA by default
+    assert ({expected} if expected else set()) == recorder.linear_types & set(quantized.values()), recorder.linear_types
+    if variant.get("neftune_noise_alpha"):  # same seed and data, noise on the embeddings: another loss curve
+        assert [e["loss"] for e in logs["train"]] != [e["loss"] for e in plain["logs"]["train"]]
+    assert trained_away_from_init(tmp_path / "adapter", project / "models/base"), "the adapter is still its init"
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text(encoding="utf-8"))
     assert config["peft_type"] == ("PROMPT_TUNING" if variant.get("method") == "prompt_tuning" else "LORA")
     assert config.get("use_dora", False) is (variant.get("method") == "dora")
@@ -226,9 +258,74 @@ def test_every_method_trains_an_adapter_plain_peft_loads(project, tmp_path, vari
         assert logs["train"][-1]["step"] < 40
 
 
+class BatchRecorder:
+    """A TrainerCallback that records the input shapes of every training forward and the base's linear layer types."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.shapes: list[tuple[int, ...]] = []
+        self.linear_types: set[str] = set()
+        recorder = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                recorder.linear_types = {type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}
+                model.register_forward_pre_hook(recorder.record, with_kwargs=True)
+
+        self.callback = Callback()
+
+    def record(self, module, args, kwargs):
+        if module.training and kwargs.get("input_ids") is not None:
+            self.shapes.append(tuple(kwargs["input_ids"].shape))
+
+
+def train_variant(project: Path, out: Path, variant: dict, recorder: BatchRecorder) -> dict:
+    from pipeline.chat import chat_tokenizer
+    from pipeline.config import Params
+    from pipeline.formats import read_examples
+    from pipeline.sft import train_adapter
+
+    params = Params.model_validate(params_with(project, **{"max_steps": 8, "save_steps": None, **variant}))
+    processed = project / "data/processed"
+    return train_adapter(project / "models/base", read_examples(processed, "train"),
+                         chat_tokenizer(project / "models/base"), params, out, read_examples(processed, "eval"),
+                         callbacks=[recorder.callback])
+
+
+_PLAIN: dict = {}
+
+
+def plain_run(project: Path) -> dict:
+    """The default variant (nf4 LoRA, no packing, no noise) with the same seed: what each option is compared with."""
+    if not _PLAIN:
+        recorder = BatchRecorder()
+        _PLAIN.update(logs=train_variant(project, project / "models/plain", {}, recorder), recorder=recorder)
+    return _PLAIN
+
+
+def trained_away_from_init(adapter: Path, base: Path) -> bool:
+    """LoRA: some lora_B is non-zero (peft initialises B to zeros). Prompt tuning: the soft prompt is no longer
+    the embedding of its init text."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if config["peft_type"] == "LORA":
+        return any(t.abs().max() > 0 for n, t in weights.items() if "lora_B" in n)
+    ids = AutoTokenizer.from_pretrained(base)(config["prompt_tuning_init_text"], add_special_tokens=False)["input_ids"]
+    n = config["num_virtual_tokens"]
+    ids = (ids * (n // len(ids) + 1))[:n]
+    init = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight[ids].detach()
+    return not torch.allclose(weights["prompt_embeddings"].float(), init.float())
+
+
 def test_two_gloo_processes_train_data_parallel(project):
     torchrun = Path(sys.executable).parent / "torchrun"
     out = finish(run_stage(project, str(torchrun), "--nproc_per_node", "2", "--master_port", "29533",
                            out="models/ddp", save_steps=None, max_steps=6), timeout=400)
     assert (project / "models/ddp/adapter_model.safetensors").is_file()
     assert out.count("preflight: estimated total") == 1  # rank 0 prints and writes; rank 1 only trains
+    assert "sft: world size 2 (distributed)" in out, out[-3000:]

@@ -33,8 +33,8 @@ def sample(tmp_path_factory) -> Path:
     """Small generated datasets and a tiny base (its tokenizer and chat template), made once per module."""
     root = tmp_path_factory.mktemp("sample")
     params = load_params(REPO / "params.yaml")
-    generate(params.sample_data.model_copy(update={"n_train": 60, "n_eval": 20, "n_domain_lines": 30,
-                                                   "n_heldout_lines": 10}), 5, 0, root / "data")
+    generate(params.sample_data.model_copy(update={"n_train": 60, "n_eval": 20, "n_validation": 10,
+                                                   "n_domain_lines": 30, "n_heldout_lines": 10}), 5, 0, root / "data")
     texts = [m["content"] for r in read_records(root / "data/train.jsonl") for m in
              to_example(r, "mcq", params.task).messages]
     build_tiny_base(texts + [r.value["text"] for r in read_records(root / "data/domain_train.txt")], TINY, 0,
@@ -46,6 +46,7 @@ def params_for(root: Path, **sections) -> Params:
     """The repo's params with `data` and `base` pointed into root, plus section overrides (dicts, merged)."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     raw["data"] = {"train": {"path": str(root / "data/train.jsonl"), "format": "mcq"},
+                   "validation": {"path": str(root / "data/validation.jsonl"), "format": "mcq"},
                    "eval": {"path": str(root / "data/eval.jsonl"), "format": "mcq"},
                    "domain_corpus": {"path": str(root / "data/domain_train.txt"), "format": "text"},
                    "domain_eval": {"path": str(root / "data/domain_eval.txt"), "format": "text"},
@@ -79,7 +80,8 @@ def write(path: Path, items: list[dict]) -> None:
 def test_good_data_passes_and_data_docs_list_every_expectation(root):
     outcome, splits = validate_datasets(params_for(root), root / "report")
     assert outcome.success, outcome.violations
-    assert outcome.rows == {"train": 60, "eval": 20, "domain_corpus": 30, "domain_eval": 10, "general_eval": 10}
+    assert outcome.rows == {"train": 60, "validation": 10, "eval": 20, "domain_corpus": 30, "domain_eval": 10,
+                            "general_eval": 10}
     by_dataset: dict[str, list[dict]] = {}
     for check in outcome.checks:
         by_dataset.setdefault(check["dataset"], []).append(check)
@@ -107,7 +109,7 @@ def test_label_audit_shows_the_trained_tokens(root):
     audit = (root / "report/label_audit.md").read_text(encoding="utf-8")
     first = rows(root / "data/train.jsonl")[0]
     assert f"⟦{first['answer']}<|eot_id|>⟧" in audit  # only the answer and the end-of-turn token
-    assert audit.count("\n### ") == 6 and outcome.fingerprint in audit  # 3 examples per chat dataset
+    assert audit.count("\n### ") == 9 and outcome.fingerprint in audit  # 3 examples per chat dataset
 
 
 def test_label_audit_fails_a_template_that_masks_everything(root):
@@ -119,7 +121,7 @@ def test_label_audit_fails_a_template_that_masks_everything(root):
     assert not outcome.success
     rules = {v["rule"] for v in outcome.violations}
     assert rules == {"trainable_tokens"}
-    assert sum(v["rule"] == "trainable_tokens" for v in outcome.violations) == 80  # every train and eval example
+    assert sum(v["rule"] == "trainable_tokens" for v in outcome.violations) == 90  # every train/validation/eval example
     assert outcome.violations[0]["message"].endswith(
         "trainable_tokens on labels: no trainable token after templating and masking: the loss would ignore this example")
 
@@ -176,6 +178,79 @@ def test_an_eval_item_copied_into_train_is_leakage(root):
         f"{train}:61 (id copied-1)"]
 
 
+def test_a_validation_item_seen_in_train_or_eval_is_leakage(root):
+    validation, train, eval_ = (root / f"data/{name}.jsonl" for name in ("validation", "train", "eval"))
+    train_rows, eval_rows = rows(train), rows(eval_)
+    write(validation, rows(validation) + [dict(eval_rows[4], id="from-eval"), dict(train_rows[7], id="from-train")])
+    outcome, _ = validate_datasets(params_for(root), root / "report")
+    assert [v["message"] for v in outcome.violations] == [
+        f"{validation}:12 (id from-train): leakage on prompt: the prompt also appears in train at "
+        f"{train}:8 (id {train_rows[7]['id']})",
+        f"{validation}:11 (id from-eval): leakage on prompt: the prompt also appears in eval at "
+        f"{eval_}:5 (id {eval_rows[4]['id']})"]
+
+
+CARVE = """
+import json, sys
+from pipeline.chat import chat_tokenizer
+from pipeline.checks import Split, carve_validation, prepare
+from pipeline.config import Params
+from pipeline.data import read_records
+params = Params.model_validate(json.loads(sys.argv[1]))
+split = Split("train", params.data.train.path, "mcq", read_records(params.data.train.path))
+prepare(split, params, chat_tokenizer(params.base.out_dir))
+print(json.dumps([r.value["id"] for r in carve_validation(split, params.validation.validation_fraction)[1].records]))
+"""
+
+
+def test_without_a_validation_set_a_deterministic_disjoint_share_of_train_is_carved(root, tmp_path):
+    train = root / "data/train.jsonl"
+    original = rows(train)
+    params = params_for(root, data={"validation": None})
+    outcome, splits = validate_datasets(params, root / "r1")
+    assert outcome.success, outcome.violations
+    assert outcome.rows["train"] == 54 and outcome.rows["validation"] == 6  # validate.validation_fraction 0.1 of 60
+    write_processed(splits, params, outcome, tmp_path / "p1")
+    kept = [r["id"] for r in rows(tmp_path / "p1/train.jsonl")]
+    carved = [r["id"] for r in rows(tmp_path / "p1/validation.jsonl")]
+    assert not set(kept) & set(carved) and sorted(kept + carved) == sorted(r["id"] for r in original)
+    assert json.loads((tmp_path / "p1/manifest.json").read_text(encoding="utf-8"))["validation_carved_from_train"] == 0.1
+    # Chosen by content, not position or hash seed: the same items from train in reverse order, when data.validation
+    # names train's own path (the spelling dvc.yaml can interpolate), and in a process with another hash seed.
+    write(train, original[::-1])
+    same_path = params_for(root, data={"validation": {"path": str(train), "format": "mcq"}})
+    again, splits = validate_datasets(same_path, root / "r2")
+    assert again.success and sorted(r.value["id"] for r in splits[1].records) == sorted(carved)
+    assert splits[1].name == "validation" and splits[1].records[0].where().startswith(f"{train}:")
+    for seed in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-c", CARVE, json.dumps(params.model_dump(by_alias=True))],
+                              env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert sorted(json.loads(proc.stdout.splitlines()[-1])) == sorted(carved), seed
+
+
+def test_a_held_out_line_copied_from_the_corpus_fails_the_gate(root):
+    corpus, held = root / "data/domain_train.txt", root / "data/domain_eval.txt"
+    good, _ = validate_datasets(params_for(root), root / "r0")
+    assert good.success and good.metrics()["domain_eval_corpus_line_share"] == 0.0
+    share = good.metrics()["domain_eval_corpus_4gram_share"]
+    assert 0 <= share < 1  # same templates, other facts (the 30-line corpus here holds few of their 4-grams)
+    assert good.metrics()["general_eval_corpus_4gram_share"] == 0.0
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    copy = lines[5]
+    # Whitespace changes do not hide a copy: lines are compared normalised, as prompts are for leakage.
+    held.write_text(held.read_text(encoding="utf-8") + "  " + copy.replace(" ", "   ") + "\n", encoding="utf-8")
+    failed, _ = validate_datasets(params_for(root), root / "r1")
+    assert [v["message"] for v in failed.violations] == [
+        f"{held}:11: heldout_overlap on text: the line is also domain_corpus line {corpus}:{lines.index(copy) + 1}: "
+        "perplexity on it measures memorisation, not the domain"]
+    assert failed.metrics()["domain_eval_corpus_line_share"] == 1 / 11
+    assert failed.metrics()["domain_eval_corpus_4gram_share"] > share  # every gram of the copy is in the corpus
+    warned, _ = validate_datasets(params_for(root, validate={"severity": {"heldout_overlap": "warn"}}), root / "r2")
+    assert warned.success and [w["rule"] for w in warned.warnings] == ["heldout_overlap"]
+
+
 def test_pii_is_a_warning_by_default(root):
     train = root / "data/train.jsonl"
     items = rows(train)
@@ -202,8 +277,8 @@ def test_entry_point_writes_processed_data_only_when_the_gate_passes(root, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"(\d+)/\1 expectations passed, 0 errors", proc.stdout)
     processed = {p.name: p.read_bytes() for p in (root / "data/processed").iterdir()}
-    assert set(processed) == {"train.jsonl", "eval.jsonl", "domain_corpus.jsonl", "domain_eval.jsonl",
-                              "general_eval.jsonl", "manifest.json"}
+    assert set(processed) == {"train.jsonl", "validation.jsonl", "eval.jsonl", "domain_corpus.jsonl",
+                              "domain_eval.jsonl", "general_eval.jsonl", "manifest.json"}
 
     items = rows(root / "data/train.jsonl")
     items[16]["answer"] = 7

@@ -1,0 +1,138 @@
+"""Nothing goes stale: every DVC stage lists, as deps, every project module that running it executes.
+
+A stage's cmd `bin/stage <stage>` runs `python -m pipeline.<stage>`; the modules that run are the
+import closure of `pipeline.<stage>` over the project's own packages (`pipeline`, `flows`), computed
+here from the code with `ast` (so an import added later is caught): `import x`, `from x import y`
+(y a name or a submodule), relative imports and imports anywhere in a module (inside functions, under
+`if TYPE_CHECKING:`: counted too, a superset is safe), and the `__init__.py` of every package on the
+way (importing `pipeline.x` runs `pipeline/__init__.py` and what it imports). A module missing from
+the stage's deps means DVC would not rerun the stage after that module changed.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "flows")
+STAGE_CMD = re.compile(r"^\s*(?:bin/stage\s+(?P<stage>[\w.]+)|\S*python\S*\s+-m\s+(?P<module>[\w.]+))\s*$")
+
+
+def module_file(name: str) -> Path | None:
+    """The file that importing module `name` runs, for the project's own modules; None for others."""
+    parts = name.split(".")
+    if parts[0] not in PACKAGES:
+        return None
+    path = REPO.joinpath(*parts)
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    return None
+
+
+def with_parents(name: str) -> list[str]:
+    """`a.b.c` -> [a, a.b, a.b.c]: importing a module first imports every package above it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def imported_modules(name: str, source: str, is_package: bool = False, filename: str = "<source>") -> set[str]:
+    """Every module (project or not) an import statement anywhere in module `name`'s source may import."""
+    package = name if is_package else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.update(with_parents(alias.name))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
+                assert anchor, f"{filename}:{node.lineno}: relative import beyond the top-level package"
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            found.update(with_parents(base))
+            for alias in node.names:  # `from pkg import sub` imports pkg.sub when it is a module
+                if alias.name != "*" and module_file(f"{base}.{alias.name}") is not None:
+                    found.add(f"{base}.{alias.name}")
+    return found
+
+
+def import_closure(module: str) -> dict[str, Path]:
+    """Project module name -> file, for everything importing `module` runs."""
+    seen: dict[str, Path] = {}
+    todo = with_parents(module)
+    while todo:
+        name = todo.pop()
+        file = module_file(name)
+        if name in seen or file is None:
+            continue
+        seen[name] = file
+        todo.extend(imported_modules(name, file.read_text(encoding="utf-8"), file.name == "__init__.py", str(file)))
+    return seen
+
+
+def stage_module(name: str, stage: dict) -> str:
+    match = STAGE_CMD.match(stage.get("cmd", "")) if isinstance(stage.get("cmd"), str) else None
+    assert match, (f"dvc.yaml stage {name}: cmd {stage.get('cmd')!r} is neither `bin/stage <stage>` nor "
+                   "`python -m <module>`; teach tests/test_dvc_deps.py what it runs")
+    module = f"pipeline.{match['stage']}" if match["stage"] else match["module"]
+    assert module_file(module) is not None, f"dvc.yaml stage {name}: runs {module}, which has no module file"
+    return module
+
+
+def dep_paths(stage: dict) -> list[str]:
+    """The stage's deps as written (a dep may be a plain path or a one-key mapping path -> options)."""
+    deps = []
+    for dep in stage.get("deps") or []:
+        deps.extend(dep if isinstance(dep, dict) else [dep])
+    return [str(d) for d in deps]
+
+
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def test_the_closure_follows_every_kind_of_import():
+    """The walker itself: function-level, relative, aliased and submodule imports, and the package __init__."""
+    closure = import_closure("pipeline.evaluate")
+    assert {"pipeline", "pipeline.env",  # the package __init__ and what it imports
+            "pipeline.evaluate", "pipeline.predict",  # predict: imported inside a function
+            "pipeline.config", "pipeline.data"} <= set(closure)  # data: run_cli imports it inside a function
+    assert all(f.is_file() and REPO in f.parents for f in closure.values())
+    source = ("from . import env\nfrom .config import run_cli\nfrom pipeline import data\n"
+              "def f():\n    import pipeline.formats as fm\n")
+    found = imported_modules("pipeline.probe", source)
+    assert {"pipeline", "pipeline.env", "pipeline.config", "pipeline.data", "pipeline.formats"} <= found
+    assert "pipeline.config.run_cli" not in found  # a name, not a submodule
+    assert "pipeline.env" in imported_modules("pipeline", "from . import env\n", is_package=True)
+    with pytest.raises(AssertionError, match="beyond the top-level package"):
+        imported_modules("pipeline.probe", "from .. import outside\n")
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_list_every_module_it_imports(name):
+    stage = STAGES[name]
+    wdir = (REPO / stage.get("wdir", ".")).resolve()
+    deps = [(wdir / d).resolve() for d in dep_paths(stage) if "${" not in d]
+    closure = import_closure(stage_module(name, stage))
+    missing = sorted(f.relative_to(REPO).as_posix() for f in closure.values()
+                     if not any(f == d or d in f.parents for d in deps))  # a listed directory covers its files
+    assert not missing, (f"dvc.yaml stage {name}: deps miss {len(missing)} module(s) that `{stage['cmd']}` imports "
+                         f"(DVC would not rerun it when they change): {', '.join(missing)}")
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_source_dep_exists(name):
+    """The reverse: a dep that names project source (pipeline/, flows/, bin/ or a .py file) is a real path."""
+    stage = STAGES[name]
+    wdir = (REPO / stage.get("wdir", ".")).resolve()
+    source = [d for d in dep_paths(stage) if "${" not in d
+              and (d.endswith(".py") or Path(d).parts[0] in (*PACKAGES, "bin"))]
+    absent = [d for d in source if not (wdir / d).exists()]
+    assert not absent, f"dvc.yaml stage {name}: source deps that do not exist: {', '.join(absent)}"
