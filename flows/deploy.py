@@ -25,6 +25,10 @@ def cron_schedule() -> str:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     finetune_pipeline.serve(
         name=DEPLOYMENT_NAME,
         cron=cron_schedule(),

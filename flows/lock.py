@@ -79,7 +79,7 @@ def _holder(project: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[0] + "\n\nusage: python -m flows.lock <command> [args...]")
+        print("usage: python -m flows.lock <command> [args...]\n\n" + __doc__.strip())
         raise SystemExit(0 if argv else 2)
     try:
         with pipeline_lock(Path.cwd(), " ".join(argv), log=lambda m: print(m, file=sys.stderr, flush=True)):

@@ -323,9 +323,22 @@ class ParamsError(SystemExit):
 
 
 def run_cli(main) -> None:
-    """Run a stage's main(); an error the user can fix (pipeline.data.DataError) ends as one line, exit 2."""
+    """Run a stage's main(); an error the user can fix (pipeline.data.DataError) ends as one line, exit 2.
+
+    A stage takes no arguments: `--help` prints what it does (its module docstring) and exits before any
+    params or heavy library are loaded, and an unknown argument is refused (exit 2) instead of ignored."""
+    import argparse
+    import inspect
+
     from pipeline.data import DataError
 
+    if not inspect.signature(main).parameters:
+        module = sys.modules[main.__module__]
+        spec = getattr(module, "__spec__", None)
+        doc = (module.__doc__ or "").strip()
+        argparse.ArgumentParser(prog=f"python -m {spec.name if spec else main.__module__}",
+                                description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Reads params.yaml in the current directory (the project root).").parse_args()
     try:
         main()
     except DataError as exc:

@@ -42,13 +42,13 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, prompts: lis
 def main(argv: list[str] | None = None) -> None:
     import mlflow
 
-    params = load_params()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="models/merged", help="output model directory")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="max abs logit difference allowed (float32: merging reorders the sums)")
     parser.add_argument("--n-prompts", type=int, default=8)
     args = parser.parse_args(argv)
+    params = load_params()
     eval_examples = read_examples(params.validation.out_dir, "eval", params.validation.max_record_bytes)
     prompts = [prompt_of(e) for e in eval_examples[: args.n_prompts]]
     with stage_run(params, "merge"):

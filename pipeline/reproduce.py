@@ -1,11 +1,18 @@
 """Re-create a registered adapter: `python -m pipeline.reproduce --model-uri models:/<name>/<version>`.
 
-Checks out the version's git commit in a separate worktree (the current checkout is not touched),
-shares this repository's DVC cache so the data versions that commit names are restored from it
-(`dvc checkout`; `dvc pull` first if they live only on a remote), checks that the commit's params hash
-to the version's `params_hash` tag, runs `dvc repro sft` there with a tracking store of its own (so
-the reproduction adds no version to the registry), and compares the sha256 of the re-created
-`adapter_model.safetensors` with the registered one. Exit 0 when identical, 1 when not.
+Refuses a version trained from uncommitted changes (`git_dirty` tag). Checks out the version's git
+commit in a separate worktree (the current checkout is not touched), shares this repository's DVC
+cache so the data versions that commit names are restored from it (`dvc checkout`; it stops when the
+cache lacks one: `dvc pull` first), checks that the commit's params hash to the version's
+`params_hash` tag, and re-runs the pipeline there with a tracking store of its own (so the
+reproduction adds no version to the registry). Then one of two checks, by machine class (CPU ISA
+level, torch build, CUDA/GPU: pipeline/machine.py):
+- same class as the version's `machine_class` tag: `dvc repro sft`, and the sha256 of the re-created
+  `adapter_model.safetensors` must equal the registered one (`"check": "bytes"`);
+- another class (or no tag): kernels differ, so bytes cannot match; `dvc repro evaluate`, and the gate
+  metric must be within `--tolerance` (relative, default 0.05) of the registered value
+  (`"check": "metrics"`).
+Exit 0 when the check passes, 1 when not.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 
 from pipeline.config import load_params, params_hash, run_cli
 from pipeline.data import DataError
+from pipeline.machine import machine_tags
 from pipeline.tracking import configure
 
 
@@ -34,10 +42,10 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
         raise DataError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
 
 
-def reproduce(model_uri: str, workdir: Path) -> dict:
+def reproduce(model_uri: str, workdir: Path, tolerance: float = 0.05) -> dict:
     import mlflow
 
-    from pipeline.predict import model_version
+    from pipeline.registry import model_version
 
     client = mlflow.MlflowClient()
     try:
@@ -47,6 +55,9 @@ def reproduce(model_uri: str, workdir: Path) -> dict:
     commit = version.tags.get("git_commit", "")
     if not commit or commit == "unknown":
         raise DataError(f"{model_uri}: the version records no git commit; it cannot be reproduced")
+    if version.tags.get("git_dirty") == "True":
+        raise DataError(f"{model_uri}: trained from uncommitted changes (git_dirty) on top of {commit[:12]}; that "
+                        "commit does not describe it, so it cannot be reproduced (commit, then train and register)")
     registered = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}")) / "peft"
     expected = sha256(registered / "adapter_model.safetensors")
 
@@ -65,14 +76,31 @@ def reproduce(model_uri: str, workdir: Path) -> dict:
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
         dvc = [sys.executable, "-m", "dvc"]
         run([*dvc, "cache", "dir", "--local", str(repo / ".dvc" / "cache")], workdir, env)
-        subprocess.run([*dvc, "checkout"], cwd=workdir, env=env, capture_output=True)  # what the cache has
-        run([*dvc, "repro", "sft"], workdir, env)
-        got = sha256(workdir / params.sft.out_dir / "adapter_model.safetensors")
+        if (workdir / "dvc.lock").is_file():
+            checkout = subprocess.run([*dvc, "checkout"], cwd=workdir, env=env, capture_output=True, text=True)
+            if checkout.returncode != 0:
+                raise DataError(f"{model_uri}: `dvc checkout` of commit {commit[:12]} failed: the DVC cache lacks data "
+                                f"that commit names; run `dvc pull` (or restore the cache) first:\n"
+                                f"{(checkout.stdout + checkout.stderr)[-1500:]}")
+        here, there = machine_tags()["machine_class"], version.tags.get("machine_class")
+        result = {"model": f"models:/{version.name}/{version.version}", "commit": commit, "workdir": str(workdir),
+                  "machine_class": here, "registered_machine_class": there}
+        if here == there:
+            run([*dvc, "repro", "sft"], workdir, env)
+            got = sha256(workdir / params.sft.out_dir / "adapter_model.safetensors")
+            result |= {"check": "bytes", "registered_sha256": expected, "reproduced_sha256": got,
+                       "identical": got == expected}
+        else:
+            run([*dvc, "repro", "evaluate"], workdir, env)
+            gate = params.registry.gate_metric
+            old = float(version.tags[f"metric.{gate}"])
+            new = json.loads((workdir / "metrics/eval.json").read_text(encoding="utf-8"))[gate]
+            result |= {"check": "metrics", "metric": gate, "registered": old, "reproduced": new,
+                       "tolerance": tolerance, "identical": abs(new - old) <= tolerance * abs(old)}
     except BaseException:
         subprocess.run(["git", "worktree", "remove", "--force", str(workdir)], cwd=repo, capture_output=True)
         raise
-    return {"model": f"models:/{version.name}/{version.version}", "commit": commit, "workdir": str(workdir),
-            "registered_sha256": expected, "reproduced_sha256": got, "identical": got == expected}
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,21 +108,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-uri", required=True, help="models:/<name>/<version> or models:/<name>@<alias>")
     parser.add_argument("--workdir", default=None, help="where the worktree goes (default: .reproduce/<name>-<version>)")
     parser.add_argument("--keep", action="store_true", help="keep the worktree after a successful comparison")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="across machine classes: largest relative difference of the gate metric (default 0.05)")
     args = parser.parse_args(argv)
     configure(load_params())
     workdir = Path(args.workdir or Path(".reproduce") / args.model_uri.removeprefix("models:/").replace("/", "-")
                    .replace("@", "-")).resolve()
-    result = reproduce(args.model_uri, workdir)
+    result = reproduce(args.model_uri, workdir, args.tolerance)
     if not args.keep:
         subprocess.run(["git", "worktree", "remove", "--force", str(workdir)], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result, indent=2))
+    what = ("identical adapter bytes (same machine class)" if result["check"] == "bytes" else
+            f"{result['metric']} {result['reproduced']:.4f} vs registered {result['registered']:.4f}, within "
+            f"{result['tolerance']:.0%} (machine class {result['machine_class']} vs {result['registered_machine_class']})")
     if not result["identical"]:
-        print(f"reproduce: {result['model']}: re-created adapter differs from the registered one", file=sys.stderr)
+        print(f"reproduce: {result['model']}: NOT reproduced ({result['check']} check failed): {what}", file=sys.stderr)
         raise SystemExit(1)
-    print(f"reproduce: {result['model']} re-created from commit {result['commit'][:12]}: identical adapter",
-          file=sys.stderr)
-
+    print(f"reproduce: {result['model']} re-created from commit {result['commit'][:12]}: {what}", file=sys.stderr)
 
 if __name__ == "__main__":
     run_cli(main)

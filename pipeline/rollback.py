@@ -36,14 +36,15 @@ def rollback(client, name: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 
-    params = load_params()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-name", default=params.registry.model_name)
+    parser.add_argument("--model-name", default=None, help="registered model (default: params register.model_name)")
     args = parser.parse_args(argv)
+    params = load_params()
+    name = args.model_name or params.registry.model_name
     configure(params)
     with registry_lock(tracking_uri(params)):  # never between a registration's read and its alias move
-        old, new = rollback(MlflowClient(), args.model_name)
-    print(f"rollback: {args.model_name}@champion moved from version {old} back to version {new}")
+        old, new = rollback(MlflowClient(), name)
+    print(f"rollback: {name}@champion moved from version {old} back to version {new}")
 
 
 if __name__ == "__main__":

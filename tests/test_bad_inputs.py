@@ -291,20 +291,49 @@ def test_dvc_repro_rejects(name, request):
 
 @pytest.mark.extended
 def test_reproduce_recreates_the_registered_adapter(dvc_project, tmp_path):
-    """`pipeline.reproduce` re-creates version 1 from its commit in a worktree: the same adapter bytes."""
+    """The README's `pipeline.reproduce` command re-creates version 1 from its commit in a worktree: on this
+    machine class the same adapter bytes; registered on another class, the gate metric within tolerance;
+    a version trained from uncommitted changes is refused."""
     import json
     import subprocess
     import sys
 
-    from tests.conftest import venv_env
+    from mlflow import MlflowClient
 
+    from tests.conftest import venv_env
+    from tests.test_pipeline_e2e import readme_commands
+
+    command = next(c for c in readme_commands() if "pipeline.reproduce" in c).split()
+    assert command[:3] == [".venv/bin/python", "-m", "pipeline.reproduce"], command
     project = dvc_project["project"]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.reproduce", "--model-uri", "models:/mcq-reading-adapter/1",
-                           "--workdir", str(tmp_path / "repro")], cwd=project, capture_output=True, text=True,
-                          env=venv_env(MLFLOW_TRACKING_URI=dvc_project["uri"]), timeout=900)
+
+    def reproduce(workdir: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+        proc = subprocess.run([sys.executable, *command[1:], "--workdir", str(tmp_path / workdir)], cwd=project,
+                              capture_output=True, text=True, env=venv_env(MLFLOW_TRACKING_URI=dvc_project["uri"]),
+                              timeout=900)
+        out = proc.stdout
+        return proc, (json.loads(out[out.index("{"):out.rindex("}") + 1]) if "{" in out else None)
+
+    proc, result = reproduce("repro")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])
+    assert result["check"] == "bytes" and result["machine_class"] == result["registered_machine_class"]
     assert result["identical"] and result["reproduced_sha256"] == result["registered_sha256"]
-    assert "identical adapter" in proc.stderr
+    assert "identical adapter bytes" in proc.stderr
     assert registry_state(dvc_project["uri"]) == dvc_project["registry"]  # no new version
     assert not (tmp_path / "repro").exists()  # the worktree is removed
+
+    client = MlflowClient(dvc_project["uri"])
+    version = client.get_model_version("mcq-reading-adapter", "1")
+    try:  # as if registered on another machine class: bytes cannot be promised, metrics are compared
+        client.set_model_version_tag("mcq-reading-adapter", "1", "machine_class", "x86_64/AVX512/other-build")
+        proc, result = reproduce("repro-metrics")
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert result["check"] == "metrics" and result["metric"] == "tuned_accuracy"
+        assert abs(result["reproduced"] - result["registered"]) <= 0.05 * result["registered"]
+        client.set_model_version_tag("mcq-reading-adapter", "1", "git_dirty", "True")
+        proc, result = reproduce("repro-dirty")
+        assert proc.returncode == 2 and "uncommitted changes" in proc.stderr and result is None
+        assert not (tmp_path / "repro-dirty").exists()
+    finally:
+        for key in ("machine_class", "git_dirty"):
+            client.set_model_version_tag("mcq-reading-adapter", "1", key, version.tags[key])

@@ -102,7 +102,7 @@ def test_the_closure_follows_every_kind_of_import():
     """The walker itself: function-level, relative, aliased and submodule imports, and the package __init__."""
     closure = import_closure("pipeline.evaluate")
     assert {"pipeline", "pipeline.env",  # the package __init__ and what it imports
-            "pipeline.evaluate", "pipeline.predict",  # predict: imported inside a function
+            "pipeline.evaluate", "pipeline.registry",  # registry: imported inside a function
             "pipeline.config", "pipeline.data"} <= set(closure)  # data: run_cli imports it inside a function
     assert all(f.is_file() and REPO in f.parents for f in closure.values())
     source = ("from . import env\nfrom .config import run_cli\nfrom pipeline import data\n"
