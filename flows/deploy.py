@@ -11,10 +11,9 @@ for each flow run with one task per DVC stage. Stopping this process pauses the 
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
-
-from flows.pipeline_flow import finetune_pipeline
 
 DEPLOYMENT_NAME = "scheduled"
 DEFAULT_CRON = "0 3 * * *"
@@ -24,11 +23,11 @@ def cron_schedule() -> str:
     return os.environ.get("PIPELINE_CRON") or DEFAULT_CRON
 
 
-def main() -> None:
-    import argparse
-
+def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    from flows.pipeline_flow import finetune_pipeline  # prefect: after parsing, so `--help` is quick
+
     finetune_pipeline.serve(
         name=DEPLOYMENT_NAME,
         cron=cron_schedule(),

@@ -129,7 +129,8 @@ def tokenizer_texts(params: Params) -> list[str]:
     shipped, limit = Path(params.sample_data.out_dir), params.validation.max_record_bytes
     texts = ["\n".join(m["content"] for m in to_example(record, "mcq", params.task).messages)
              for record in read_records(shipped / "train.jsonl", max_record_bytes=limit)]
-    return texts + [record.value["text"] for record in read_records(shipped / "domain_train.txt", max_record_bytes=limit)]
+    return texts + [record.value["text"]
+                    for record in read_records(shipped / "domain_train.txt", max_record_bytes=limit)]
 
 
 def main() -> None:

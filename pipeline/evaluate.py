@@ -20,8 +20,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from pipeline.chat import (
     Encoded,
     encode_chat,
@@ -31,7 +29,7 @@ from pipeline.chat import (
 )
 from pipeline.config import Params, load_params, run_cli
 from pipeline.formats import Example, normalised, prompt_of, read_examples, read_texts
-from pipeline.modeling import device_of, load_causal_lm, load_tokenizer, resolve_model
+from pipeline.modeling import device_of, load_causal_lm, load_tokenizer, no_grad, resolve_model
 from pipeline.tracking import stage_run
 
 
@@ -52,9 +50,11 @@ def option_sequences(tokenizer, example: Example) -> list[Encoded]:
             for k in range(1, len(example.choices) + 1)]
 
 
-@torch.no_grad()
+@no_grad
 def masked_logprobs(model, tokenizer, sequences: list[Encoded], batch_size: int) -> list[tuple[float, int]]:
     """(sum of log-probs, token count) of the masked tokens of each sequence, in right-padded batches."""
+    import torch
+
     device = device_of(model)
     out = []
     for start in range(0, len(sequences), batch_size):
@@ -83,9 +83,11 @@ def option_logprobs(model, tokenizer, examples: list[Example], batch_size: int) 
     return scores
 
 
-@torch.no_grad()
+@no_grad
 def perplexity(model, tokenizer, lines: list[str], block_size: int) -> float:
     """exp(mean token NLL) over the text packed into blocks of block_size tokens."""
+    import torch
+
     device = device_of(model)
     ids: list[int] = []
     for line in lines:
@@ -102,7 +104,7 @@ def perplexity(model, tokenizer, lines: list[str], block_size: int) -> float:
     return math.exp(nll / count)
 
 
-@torch.no_grad()
+@no_grad
 def generate(model, tokenizer, examples: list[Example], stop_ids: set[int], params: Params) -> list[dict]:
     """Greedy generation after each chat prompt within `evaluate.max_new_tokens`: the text, and whether it stopped."""
     device = device_of(model)

@@ -8,14 +8,18 @@ end-of-turn id) or `--max-new-tokens`. One user message per line on stdin; an em
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from pipeline.config import load_params, run_cli
+from pipeline.config import cli_parser, load_params, run_cli
 from pipeline.tracking import configure
 
 
 def main(argv: list[str] | None = None) -> None:
+    parser = cli_parser(__doc__, "python -m pipeline.interactive")
+    parser.add_argument("--model-uri", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
+    parser.add_argument("--system", default=None, help="system prompt (default: params task.system_prompt)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    args = parser.parse_args(argv)
     import torch
     from transformers import TextStreamer
 
@@ -23,11 +27,6 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.modeling import device_of
     from pipeline.registry import load_registered, version_task
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-uri", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
-    parser.add_argument("--system", default=None, help="system prompt (default: params task.system_prompt)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    args = parser.parse_args(argv)
     params = load_params()
     configure(params)
     model, tokenizer, version, base, revision = load_registered(args.model_uri)

@@ -8,19 +8,16 @@ above `--tolerance` stops with nothing written. The check is logged to MLflow.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import torch
-
-from pipeline.config import load_params, run_cli
+from pipeline.config import cli_parser, load_params, run_cli
 from pipeline.data import DataError
 from pipeline.formats import prompt_of, read_examples
-from pipeline.modeling import load_causal_lm, load_tokenizer, save_atomically
+from pipeline.modeling import load_causal_lm, load_tokenizer, no_grad, save_atomically
 from pipeline.tracking import stage_run
 
 
-@torch.no_grad()
+@no_grad
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, prompts: list[list[dict]],
                   compute_dtype: str, tolerance: float) -> float:
     """Merge, check logits against base+adapter, save; return the max abs logit difference."""
@@ -40,14 +37,14 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, prompts: lis
 
 
 def main(argv: list[str] | None = None) -> None:
-    import mlflow
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser(__doc__, "python -m pipeline.merge")
     parser.add_argument("--out", default="models/merged", help="output model directory")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="max abs logit difference allowed (float32: merging reorders the sums)")
     parser.add_argument("--n-prompts", type=int, default=8)
     args = parser.parse_args(argv)
+    import mlflow
+
     params = load_params()
     eval_examples = read_examples(params.validation.out_dir, "eval", params.validation.max_record_bytes)
     prompts = [prompt_of(e) for e in eval_examples[: args.n_prompts]]

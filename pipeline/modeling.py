@@ -6,19 +6,45 @@ when disabled) is a directory holding only `model_ref.json`; `resolve_model` fol
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used, not here: every stage imports this module, and `--help` of a
+# stage or tool (or the DVC deps test) should not pay for loading torch.
 
 REF_FILE = "model_ref.json"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # params `sft.compute_dtype`: names of torch dtypes
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a `sft.compute_dtype` name (float32, bfloat16, float16)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def no_grad(fn):
+    """`@torch.no_grad()` without importing torch when the decorated function is defined."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def write_model_ref(out_dir: Path, name_or_path: str, revision: str | None = None) -> None:
@@ -71,7 +97,7 @@ def quantization_config(quantization: str, double_quant: bool, compute_dtype: st
             load_in_4bit=True,
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+            bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
         )
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -93,11 +119,12 @@ def load_tokenizer(path: str | Path):
 def load_causal_lm(path: str | Path, quantization: str = "none", double_quant: bool = True,
                    compute_dtype: str = "float32", revision: str | None = None):
     """The model at path (following model_ref.json); `revision` pins a hub id given directly."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     name, ref_revision = resolve_model(path)
     revision = revision or ref_revision
-    kwargs = {"revision": revision, "dtype": DTYPES[compute_dtype]}
+    kwargs = {"revision": revision, "dtype": torch_dtype(compute_dtype)}
     qconfig = quantization_config(quantization, double_quant, compute_dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

@@ -9,13 +9,12 @@ item is answered by the log-likelihood of its options, as the evaluate stage sco
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.config import load_params, run_cli
+from pipeline.config import cli_parser, load_params, run_cli
 from pipeline.data import DEFAULT_MAX_RECORD_BYTES, DataError, Record, read_records
 from pipeline.evaluate import choose, option_logprobs
 from pipeline.formats import CHAT_SUFFIXES, Example, structure_problems, to_example
@@ -51,7 +50,7 @@ def predict(model_uri: str, input_path: str | Path, params) -> tuple[list[dict],
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser(__doc__, "python -m pipeline.predict")
     parser.add_argument("--model-uri", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
     parser.add_argument("--input", required=True, help="MCQ items, JSONL")
     parser.add_argument("--output", help="predictions JSONL (default: stdout)")

@@ -17,7 +17,6 @@ Exit 0 when the check passes, 1 when not.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import load_params, params_hash, run_cli
+from pipeline.config import cli_parser, load_params, params_hash, run_cli
 from pipeline.data import DataError
 from pipeline.machine import machine_tags
 from pipeline.tracking import configure
@@ -104,7 +103,7 @@ def reproduce(model_uri: str, workdir: Path, tolerance: float = 0.05) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser(__doc__, "python -m pipeline.reproduce")
     parser.add_argument("--model-uri", required=True, help="models:/<name>/<version> or models:/<name>@<alias>")
     parser.add_argument("--workdir", default=None, help="where the worktree goes (default: .reproduce/<name>-<version>)")
     parser.add_argument("--keep", action="store_true", help="keep the worktree after a successful comparison")

@@ -6,10 +6,9 @@ tag and records what happened on both versions, so the registry keeps the histor
 
 from __future__ import annotations
 
-import argparse
 from datetime import UTC, datetime
 
-from pipeline.config import load_params, run_cli
+from pipeline.config import cli_parser, load_params, run_cli
 from pipeline.data import DataError
 from pipeline.registry import registry_lock
 from pipeline.tracking import configure, tracking_uri
@@ -34,11 +33,11 @@ def rollback(client, name: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mlflow import MlflowClient
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser(__doc__, "python -m pipeline.rollback")
     parser.add_argument("--model-name", default=None, help="registered model (default: params register.model_name)")
     args = parser.parse_args(argv)
+    from mlflow import MlflowClient
+
     params = load_params()
     name = args.model_name or params.registry.model_name
     configure(params)
