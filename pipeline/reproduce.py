@@ -90,9 +90,12 @@ def reproduce(model_uri: str, workdir: Path, tolerance: float = 0.05) -> dict:
             result |= {"check": "bytes", "registered_sha256": expected, "reproduced_sha256": got,
                        "identical": got == expected}
         else:
-            run([*dvc, "repro", "evaluate"], workdir, env)
             gate = params.registry.gate_metric
+            if f"metric.{gate}" not in version.tags:  # checked before minutes of training, not after
+                raise DataError(f"{model_uri}: registered on machine class {there or '(untagged)'}, not this one "
+                                f"({here}), and it has no metric.{gate} tag to compare a re-run with")
             old = float(version.tags[f"metric.{gate}"])
+            run([*dvc, "repro", "evaluate"], workdir, env)
             new = json.loads((workdir / "metrics/eval.json").read_text(encoding="utf-8"))[gate]
             result |= {"check": "metrics", "metric": gate, "registered": old, "reproduced": new,
                        "tolerance": tolerance, "identical": abs(new - old) <= tolerance * abs(old)}
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=0.05,
                         help="across machine classes: largest relative difference of the gate metric (default 0.05)")
     args = parser.parse_args(argv)
+    if args.tolerance < 0:  # |new - old| <= negative: every metrics check would fail
+        parser.error(f"--tolerance {args.tolerance}: must be >= 0 (a relative difference, 0.05 = 5%)")
     configure(load_params())
     workdir = Path(args.workdir or Path(".reproduce") / args.model_uri.removeprefix("models:/").replace("/", "-")
                    .replace("@", "-")).resolve()

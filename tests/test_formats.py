@@ -71,6 +71,65 @@ def test_an_over_long_line_is_refused_without_reading_it(tmp_path):
         read_records(path, max_record_bytes=1_000_000)
 
 
+def limited(limit: int):
+    """The repo's params with `validate.max_record_bytes` set to limit."""
+    params = load_params(REPO / "params.yaml")
+    return params.model_copy(update={"validation": params.validation.model_copy(update={"max_record_bytes": limit})})
+
+
+def test_stage_readers_of_user_data_honour_the_params_limit(tmp_path):
+    """base (the shipped text its tokenizer learns from) and predict (a user's items file) read with
+    `validate.max_record_bytes`: refused at the params' limit, accepted once the limit is raised."""
+    from pipeline.base import tokenizer_texts
+    from pipeline.predict import mcq_examples
+
+    item = {"passage": "가" * 1000, "question": "q", "choices": ["a", "b"], "answer": 1}  # a 3 kB line
+    (tmp_path / "train.jsonl").write_text(json.dumps(item, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp_path / "domain_train.txt").write_text("short line\n", encoding="utf-8")
+    params = limited(1000)
+    params = params.model_copy(update={"sample_data": params.sample_data.model_copy(update={"out_dir": str(tmp_path)})})
+    over = r"train.jsonl:1: line longer than 1,000 bytes \(validate.max_record_bytes\)"
+    with pytest.raises(DataError, match=over):
+        tokenizer_texts(params)
+    with pytest.raises(DataError, match=over):
+        mcq_examples(tmp_path / "train.jsonl", params.task, params.validation.max_record_bytes)
+    raised = params.model_copy(update={"validation": limited(10_000).validation})
+    assert tokenizer_texts(raised)[-1] == "short line" and "가" * 1000 in tokenizer_texts(raised)[0]
+    assert mcq_examples(tmp_path / "train.jsonl", raised.task, raised.validation.max_record_bytes)[0].answer == 1
+
+
+def test_processed_readers_accept_what_validate_wrote_even_past_the_limit(tmp_path):
+    """Normalised, an MCQ line outgrows its input (template, choices twice): validate records each dataset's
+    longest processed line in manifest.json and read_examples/read_texts accept up to it, so a user who
+    raised the limit just enough for their documents is not refused by dapt/sft/evaluate/merge. A line
+    longer than both is still refused unread, and without the manifest entry the params' limit alone holds."""
+    from pipeline.data import write_jsonl as write_processed_jsonl
+    from pipeline.formats import processed_record_limit, read_examples, read_texts
+
+    record = Record("in.jsonl", 1, True, {"passage": "p" * 700, "question": "q", "choices": ["x" * 60, "y" * 60],
+                                          "answer": 1})
+    raw = len(json.dumps(record.value).encode()) + 1
+    task = TaskParams(system_prompt="S" * 100, user_template="{passage}\n{question}\n{choices}")
+    example = to_example(record, "mcq", task)
+    longest = write_processed_jsonl(tmp_path / "train.jsonl", [example.to_json()])
+    text_longest = write_processed_jsonl(tmp_path / "domain_corpus.jsonl", [{"text": "t" * 1200}])
+    assert raw < 1000 < longest  # the input fit a 1000-byte limit, its processed line does not
+    assert longest == len((tmp_path / "train.jsonl").read_bytes())  # the returned length is the line's bytes
+
+    with pytest.raises(DataError, match=r"train.jsonl:1: line longer than 1,000 bytes"):
+        read_examples(tmp_path, "train", 1000)  # no manifest: the params' limit alone
+    (tmp_path / "manifest.json").write_text(json.dumps({"max_line_bytes": {"train": longest,
+                                                                           "domain_corpus": text_longest}}))
+    assert processed_record_limit(tmp_path, "train", 1000) == longest
+    assert processed_record_limit(tmp_path, "train", 50_000) == 50_000  # a higher params limit wins
+    assert read_examples(tmp_path, "train", 1000)[0].answer == 1
+    assert read_texts(tmp_path, "domain_corpus", 1000) == ["t" * 1200]
+    with (tmp_path / "train.jsonl").open("a", encoding="utf-8") as f:  # a line validate did not write
+        f.write(json.dumps({**example.to_json(), "id": "z" * 2000}) + "\n")
+    with pytest.raises(DataError, match=rf"train.jsonl:2: line longer than {longest:,} bytes"):
+        read_examples(tmp_path, "train", 1000)
+
+
 @pytest.mark.parametrize(("answer", "choices", "expected"), [
     (2, ["a", "b"], (2, None)),
     ("b", ["a", "b"], (2, None)),
@@ -258,7 +317,8 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
     from pipeline.config import EVAL_METRICS, eval_kind  # the catalog the gate/guard check uses is what was reported
 
     reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith("tuned_accuracy_")}
-    assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS[eval_kind(fmt)]}, reported
+    kind = eval_kind(raw["data"]["eval"]["format"])
+    assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS[kind]}, reported
     assert 0 <= metrics["tuned_eos_rate"] <= 1
     if fmt == "text":  # DAPT on the sharded corpus lowers held-out (Parquet) domain perplexity
         assert (tmp_path / "models/dapt/model.safetensors").is_file()

@@ -166,6 +166,28 @@ def test_overlong_examples_stop_or_are_dropped(root, tmp_path):
     assert len((tmp_path / "processed/train.jsonl").read_text(encoding="utf-8").splitlines()) == 60 - n_dropped
 
 
+def test_a_record_that_grows_in_normalisation_is_still_read_downstream(root, tmp_path):
+    """An MCQ line just under validate.max_record_bytes becomes a longer chat line (system prompt, template,
+    choices twice); the manifest records the longest processed line, so the later stages' readers, given the
+    same params, accept it rather than refusing data the gate passed."""
+    from pipeline.formats import read_examples
+
+    train = root / "data/train.jsonl"
+    items = rows(train)
+    pad = 990 - len((json.dumps(items[0], ensure_ascii=False) + "\n").encode())
+    items[0] = dict(items[0], passage=items[0]["passage"] + " " + "x" * (pad - 1))
+    write(train, items)
+    assert len(train.read_bytes().splitlines(keepends=True)[0]) == 990
+    params = params_for(root, validate={"max_record_bytes": 1000}, sft={"max_length": 4096})
+    outcome, splits = validate_datasets(params, tmp_path / "report")
+    assert outcome.success, outcome.violations[:3]
+    write_processed(splits, params, outcome, tmp_path / "processed")
+    manifest = json.loads((tmp_path / "processed/manifest.json").read_text(encoding="utf-8"))
+    assert manifest["max_line_bytes"]["train"] > 1000  # the processed line outgrew the limit
+    examples = read_examples(tmp_path / "processed", "train", params.validation.max_record_bytes)
+    assert len(examples) == 60 and "x" * 100 in examples[0].messages[1]["content"]
+
+
 def test_an_eval_item_copied_into_train_is_leakage(root):
     train, eval_ = root / "data/train.jsonl", root / "data/eval.jsonl"
     train_rows, eval_rows = rows(train), rows(eval_)
