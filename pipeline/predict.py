@@ -18,7 +18,7 @@ from pipeline.config import cli_parser, load_params, run_cli
 from pipeline.data import DEFAULT_MAX_RECORD_BYTES, DataError, Record, read_records
 from pipeline.evaluate import choose, option_logprobs
 from pipeline.formats import CHAT_SUFFIXES, Example, structure_problems, to_example
-from pipeline.registry import load_registered, model_version, version_task  # noqa: F401  (model_version: re-export)
+from pipeline.registry import load_registered, version_task
 from pipeline.tracking import configure
 
 

@@ -17,7 +17,6 @@ Exit 0 when the check passes, 1 when not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,11 +27,8 @@ from pathlib import Path
 from pipeline.config import cli_parser, load_params, params_hash, run_cli
 from pipeline.data import DataError
 from pipeline.machine import machine_tags
+from pipeline.register import file_sha256
 from pipeline.tracking import configure
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
@@ -58,7 +54,7 @@ def reproduce(model_uri: str, workdir: Path, tolerance: float = 0.05) -> dict:
         raise DataError(f"{model_uri}: trained from uncommitted changes (git_dirty) on top of {commit[:12]}; that "
                         "commit does not describe it, so it cannot be reproduced (commit, then train and register)")
     registered = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}")) / "peft"
-    expected = sha256(registered / "adapter_model.safetensors")
+    expected = file_sha256(registered / "adapter_model.safetensors")
 
     repo = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
                                check=True).stdout.strip())
@@ -86,7 +82,7 @@ def reproduce(model_uri: str, workdir: Path, tolerance: float = 0.05) -> dict:
                   "machine_class": here, "registered_machine_class": there}
         if here == there:
             run([*dvc, "repro", "sft"], workdir, env)
-            got = sha256(workdir / params.sft.out_dir / "adapter_model.safetensors")
+            got = file_sha256(workdir / params.sft.out_dir / "adapter_model.safetensors")
             result |= {"check": "bytes", "registered_sha256": expected, "reproduced_sha256": got,
                        "identical": got == expected}
         else:
