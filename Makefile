@@ -25,13 +25,15 @@ run: install
 	PIPELINE_PYTHON="$(CURDIR)/$(BIN)/python" PIPELINE_RUN_KEY=run-$$(date +%Y%m%d-%H%M%S) \
 		$(BIN)/python -m flows.lock $(BIN)/dvc repro
 
-# Two workers, one test file each at a time (module fixtures are built once). `make test` is the default
-# suite (about 10 minutes on 2 cores); `make test-extended` runs the exhaustive matrices (CI runs both).
+# Two workers, one test file each at a time (module fixtures are built once), the end-to-end module first
+# (tests/conftest.py). `make test` is the default suite; `make test-extended` runs the exhaustive matrices
+# (CI runs both).
+PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile -m "not extended"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_XDIST) -m "not extended"
 
 test-extended: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" BAD_INPUTS_DVC=all $(BIN)/python -m pytest -n 2 --dist loadfile -m extended
+	PATH="$(CURDIR)/$(BIN):$$PATH" BAD_INPUTS_DVC=all $(BIN)/python -m pytest $(PYTEST_XDIST) -m extended
 
 # MLflow UI over the project's store: http://127.0.0.1:5000
 MLFLOW_STORE ?= mlflow

@@ -13,11 +13,29 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist each worker gets its share of the cores for torch's (and BLAS') thread pools: two
+# workers with two threads each on 2 cores spend their time spinning (measured: `make test` 19 min with
+# the default pools, 10 min with one thread per worker). Set before any test module imports torch;
+# stage subprocesses inherit it. An explicit OMP_NUM_THREADS wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
+
+# The module that runs the whole default pipeline goes first, so the other worker takes every other module
+# meanwhile (`make test` passes --no-loadscope-reorder; xdist would otherwise order files by test count).
+RUN_FIRST = ("tests/test_pipeline_e2e.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in RUN_FIRST)  # stable: the rest keeps its order
 
 # What a fresh clone of the project holds that `dvc repro` needs.
 PROJECT_DIRS = ("pipeline", "flows", "bin")
@@ -72,6 +90,49 @@ def project_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 MODEL_NAME = "mcq-reading-adapter"
+
+# The tiny base most stage tests run on: smaller than the default params' tiny base, same architecture.
+TINY_BASE = {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128, "vocab_size": 600,
+             "max_position_embeddings": 256}
+# The generated sample data those tests share (the default params' generator, fewer items).
+TINY_SAMPLE = {"n_train": 48, "n_eval": 12, "n_validation": 12, "n_domain_lines": 200, "n_heldout_lines": 20}
+
+
+@dataclass(frozen=True)
+class TinyWorld:
+    """Generated sample data and a tiny base built from it, as the `sample_data` and `base` stages make them.
+
+    Shared by the test modules of one test process: read it, link it, copy it; never write into it.
+    """
+
+    data: Path  # train/validation/eval .jsonl, domain_train/domain_eval/general_eval .txt
+    base: Path  # a tiny Llama with its byte-level tokenizer and chat template
+    tiny: dict  # base.tiny params the base was built with
+    seed: int
+
+    def link_into(self, root: Path, data: str = "data", base: str = "base") -> Path:
+        """root/<data> and root/<base> as links to the shared data and base (root itself is the caller's)."""
+        for name, target in ((data, self.data), (base, self.base)):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).symlink_to(target, target_is_directory=True)
+        return root
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> TinyWorld:
+    """The sample data + tokenizer + tiny base builder, once per test process (see TinyWorld)."""
+    from pipeline.base import build_tiny_base, tokenizer_texts
+    from pipeline.config import TinyModelParams, load_params
+    from pipeline.sample_data import generate
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    params = load_params(REPO_ROOT / "params.yaml")
+    sample = params.sample_data.model_copy(update={**TINY_SAMPLE, "out_dir": str(root / "data")})
+    generate(sample, sample.num_choices, params.seed, root / "data")
+    # What the base stage trains its tokenizer on: the rendered training chats and the domain corpus.
+    texts = tokenizer_texts(params.model_copy(update={"sample_data": sample}))
+    build_tiny_base(texts, TinyModelParams(**TINY_BASE), params.seed, root / "base")
+    return TinyWorld(data=root / "data", base=root / "base", tiny=dict(TINY_BASE), seed=params.seed)
 
 
 @pytest.fixture(scope="session")

@@ -10,16 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.base import build_tiny_base
-from pipeline.config import TaskParams, TinyModelParams, load_params
+from pipeline.config import TaskParams, load_params
 from pipeline.data import DataError, Record, read_records
 from pipeline.formats import answer_index, structure_problems, to_example
-from pipeline.sample_data import generate
+from tests.conftest import TINY_BASE, TINY_SAMPLE
 
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TinyModelParams(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
-                       max_position_embeddings=256)
 TASK = TaskParams(system_prompt="Answer.", user_template="{passage}\n{question}\n{choices}")
 
 
@@ -185,18 +182,9 @@ def test_every_chat_format_normalises_to_the_same_messages():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Sample MCQ data, a tiny base, and one MLflow store shared by the format runs."""
-    root = tmp_path_factory.mktemp("formats")
-    params = load_params(REPO / "params.yaml")
-    sample = params.sample_data.model_copy(update={"n_train": 40, "n_eval": 10, "n_domain_lines": 200,
-                                                   "n_heldout_lines": 20})
-    generate(sample, 5, params.seed, root / "sample")
-    examples = [to_example(r, "mcq", params.task) for r in read_records(root / "sample/train.jsonl")]
-    texts = [m["content"] for e in examples for m in e.messages]
-    texts += [r.value["text"] for r in read_records(root / "sample/domain_train.txt")]
-    build_tiny_base(texts, TINY, params.seed, root / "base")
-    return root
+def tiny(tmp_path_factory, tiny_world):
+    """Sample MCQ data and a tiny base (the shared ones, linked), and one MLflow store shared by the format runs."""
+    return tiny_world.link_into(tmp_path_factory.mktemp("formats"), data="sample")
 
 
 def mcq_rows(path: Path) -> list[dict]:
@@ -271,7 +259,7 @@ def project_for(fmt: str, tiny: Path, root: Path) -> dict:
     if fmt not in ("mcq", "text"):
         raw["register"]["gate_metric"] = "tuned_rougeL"
     raw["base"]["out_dir"] = str(tiny / "base")
-    raw["base"]["tiny"] = TINY.model_dump()
+    raw["base"]["tiny"] = TINY_BASE
     raw["dapt"] |= {"enabled": fmt == "text", "max_steps": 15, "batch_size": 4, "block_size": 32}
     raw["sft"] |= {"max_steps": 6, "batch_size": 4, "logging_steps": 2}
     raw["evaluate"] |= {"max_eval_items": 6, "max_new_tokens": 4}
@@ -298,7 +286,8 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
 
     manifest = json.loads((tmp_path / "data/processed/manifest.json").read_text(encoding="utf-8"))
     rows = manifest["rows"]  # no data.validation here: validate carves validate.validation_fraction of train
-    assert rows["train"] + rows["validation"] == 40 and rows["validation"] == 4 and rows["eval"] == 10
+    assert rows["train"] + rows["validation"] == TINY_SAMPLE["n_train"] and rows["eval"] == TINY_SAMPLE["n_eval"]
+    assert rows["validation"] == round(0.1 * TINY_SAMPLE["n_train"])
     processed = [json.loads(line) for name in ("train", "validation")
                  for line in (tmp_path / f"data/processed/{name}.jsonl").open(encoding="utf-8")]
     assert processed[0]["messages"][-1]["role"] == "assistant"

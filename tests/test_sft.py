@@ -16,38 +16,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.base import build_tiny_base
-from pipeline.config import TinyModelParams, load_params
-from pipeline.data import read_records
-from pipeline.formats import to_example
-from pipeline.sample_data import generate
+from pipeline.config import load_params
 
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TinyModelParams(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
-                       max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, tiny_world) -> Path:
     """A project dir with a tiny base, validated data (data/processed) and params for short SFT runs."""
     from pipeline import validate
 
-    root = tmp_path_factory.mktemp("sft")
-    params = load_params(REPO / "params.yaml")
-    generate(params.sample_data.model_copy(update={"n_train": 48, "n_eval": 12, "n_validation": 12,
-                                                   "n_domain_lines": 40, "n_heldout_lines": 10}), 5, params.seed,
-             root / "data")
-    texts = [m["content"] for r in read_records(root / "data/train.jsonl") for m in
-             to_example(r, "mcq", params.task).messages]
-    build_tiny_base(texts + [r.value["text"] for r in read_records(root / "data/domain_train.txt")], TINY,
-                    params.seed, root / "models/base")
+    root = tiny_world.link_into(tmp_path_factory.mktemp("sft"), data="data/sample", base="models/base")
+    (root / "data").mkdir(exist_ok=True)
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    raw["data"] = {n: {"path": f"data/{f}", "format": fmt} for n, f, fmt in (
+    raw["data"] = {n: {"path": f"data/sample/{f}", "format": fmt} for n, f, fmt in (
         ("train", "train.jsonl", "mcq"), ("validation", "validation.jsonl", "mcq"), ("eval", "eval.jsonl", "mcq"),
         ("domain_corpus", "domain_train.txt", "text"),
         ("domain_eval", "domain_eval.txt", "text"), ("general_eval", "general_eval.txt", "text"))}
-    raw["base"]["tiny"] = TINY.model_dump()
+    raw["base"]["tiny"] = tiny_world.tiny
     raw["dapt"]["out_dir"] = "models/base"  # DAPT off: train on the base directly
     raw["sft"] |= {"max_steps": 24, "batch_size": 4, "logging_steps": 4, "eval_steps": 8, "save_steps": 8}
     raw["mlflow"] |= {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_root": str(root / "artifacts")}

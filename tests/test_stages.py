@@ -11,25 +11,16 @@ from pipeline.base import build_tiny_base
 from pipeline.config import TinyModelParams, load_params
 from pipeline.data import read_records
 from pipeline.formats import Example, to_example
-from pipeline.sample_data import generate
-
-
-TINY = TinyModelParams(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
-                       max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Sample data and a tiny base model in a temp dir, and params pointing at them."""
-    root = tmp_path_factory.mktemp("tiny")
+def tiny(tmp_path_factory, tiny_world):
+    """Sample data and a tiny base model (the shared ones, linked), and params pointing at them."""
+    root = tiny_world.link_into(tmp_path_factory.mktemp("tiny"))
     params = load_params()
-    sample = params.sample_data.model_copy(update={"n_train": 60, "n_eval": 20, "n_domain_lines": 300,
-                                                   "n_heldout_lines": 40})
-    generate(sample, 5, params.seed, root / "data")
-    texts = [m["content"] for e in examples(root / "data/train.jsonl", params) for m in e.messages]
-    build_tiny_base(texts + lines(root / "data/domain_train.txt"), TINY, params.seed, root / "base")
+    tiny = TinyModelParams(**tiny_world.tiny)
     params = params.model_copy(update={
-        "base": params.base.model_copy(update={"out_dir": str(root / "base"), "tiny": TINY}),
+        "base": params.base.model_copy(update={"out_dir": str(root / "base"), "tiny": tiny}),
         "dapt": params.dapt.model_copy(update={"out_dir": str(root / "dapt"), "max_steps": 20, "batch_size": 4}),
         "sft": params.sft.model_copy(update={"out_dir": str(root / "adapter"), "max_steps": 8, "batch_size": 4,
                                              "logging_steps": 2}),
@@ -78,13 +69,13 @@ def test_base_build_is_deterministic(tiny, tmp_path):
 
     root, params = tiny
     texts = lines(root / "data/domain_train.txt")
-    build_tiny_base(texts, TINY, params.seed, tmp_path / "a")
+    build_tiny_base(texts, params.base.tiny, params.seed, tmp_path / "a")
     (tmp_path / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
     script = ("import json, sys; from pathlib import Path; from pipeline.base import build_tiny_base; "
               "from pipeline.config import TinyModelParams; "
               "build_tiny_base(json.loads(Path(sys.argv[1]).read_text(encoding='utf-8')), "
               "TinyModelParams.model_validate_json(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "texts.json"), TINY.model_dump_json(),
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "texts.json"), params.base.tiny.model_dump_json(),
                     str(params.seed), str(tmp_path / "b")], cwd=REPO_ROOT, env=venv_env(PYTHONHASHSEED="12345"),
                    check=True, capture_output=True)
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")

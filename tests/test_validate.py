@@ -15,31 +15,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.base import build_tiny_base
-from pipeline.config import Params, TinyModelParams, load_params
-from pipeline.data import read_records
-from pipeline.formats import to_example
-from pipeline.sample_data import generate
+from pipeline.config import Params
 from pipeline.validate import validate_datasets, write_processed
+from tests.conftest import TINY_SAMPLE as N
 
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TinyModelParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=600,
-                       max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory) -> Path:
-    """Small generated datasets and a tiny base (its tokenizer and chat template), made once per module."""
-    root = tmp_path_factory.mktemp("sample")
-    params = load_params(REPO / "params.yaml")
-    generate(params.sample_data.model_copy(update={"n_train": 60, "n_eval": 20, "n_validation": 10,
-                                                   "n_domain_lines": 30, "n_heldout_lines": 10}), 5, 0, root / "data")
-    texts = [m["content"] for r in read_records(root / "data/train.jsonl") for m in
-             to_example(r, "mcq", params.task).messages]
-    build_tiny_base(texts + [r.value["text"] for r in read_records(root / "data/domain_train.txt")], TINY, 0,
-                    root / "base")
-    return root
+def sample(tmp_path_factory, tiny_world) -> Path:
+    """Small generated datasets and a tiny base (its tokenizer and chat template): the shared ones, linked."""
+    return tiny_world.link_into(tmp_path_factory.mktemp("sample"))
 
 
 def params_for(root: Path, **sections) -> Params:
@@ -80,8 +67,9 @@ def write(path: Path, items: list[dict]) -> None:
 def test_good_data_passes_and_data_docs_list_every_expectation(root):
     outcome, splits = validate_datasets(params_for(root), root / "report")
     assert outcome.success, outcome.violations
-    assert outcome.rows == {"train": 60, "validation": 10, "eval": 20, "domain_corpus": 30, "domain_eval": 10,
-                            "general_eval": 10}
+    assert outcome.rows == {"train": N["n_train"], "validation": N["n_validation"], "eval": N["n_eval"],
+                            "domain_corpus": N["n_domain_lines"], "domain_eval": N["n_heldout_lines"],
+                            "general_eval": N["n_heldout_lines"]}
     by_dataset: dict[str, list[dict]] = {}
     for check in outcome.checks:
         by_dataset.setdefault(check["dataset"], []).append(check)
@@ -121,7 +109,8 @@ def test_label_audit_fails_a_template_that_masks_everything(root):
     assert not outcome.success
     rules = {v["rule"] for v in outcome.violations}
     assert rules == {"trainable_tokens"}
-    assert sum(v["rule"] == "trainable_tokens" for v in outcome.violations) == 90  # every train/validation/eval example
+    every = N["n_train"] + N["n_validation"] + N["n_eval"]
+    assert sum(v["rule"] == "trainable_tokens" for v in outcome.violations) == every  # every example of the splits
     assert outcome.violations[0]["message"].endswith(
         "trainable_tokens on labels: no trainable token after templating and masking: the loss would ignore this example")
 
@@ -138,13 +127,15 @@ def test_an_answer_without_a_stop_token_fails_the_audit(root):
 def test_severity_warn_reports_without_stopping(root):
     train = root / "data/train.jsonl"
     items = rows(train)
-    write(train, items + [dict(items[3], id="copy-of-4", passage=items[3]["passage"].upper())])
+    # Only case and whitespace differ (Hangul has no case: the spacing makes it a normalised duplicate).
+    copy = dict(items[3], id="copy-of-4", passage="  " + items[3]["passage"].upper().replace(" ", "   "))
+    write(train, items + [copy])
     failed, _ = validate_datasets(params_for(root, validate={"severity": {"duplicate_normalised": "error"}}),
                                   root / "r1")
     assert [v["rule"] for v in failed.violations] == ["duplicate_normalised", "duplicate_normalised"]
     warned, _ = validate_datasets(params_for(root), root / "r2")  # default: warn
     assert warned.success and [w["rule"] for w in warned.warnings] == ["duplicate_normalised"] * 2
-    assert f"{train}:61 (id copy-of-4): duplicate_normalised on record" in warned.warnings[1]["message"]
+    assert f"{train}:{N['n_train'] + 1} (id copy-of-4): duplicate_normalised on record" in warned.warnings[1]["message"]
 
 
 def test_overlong_examples_stop_or_are_dropped(root, tmp_path):
@@ -159,11 +150,11 @@ def test_overlong_examples_stop_or_are_dropped(root, tmp_path):
     assert dropped.success and not dropped.violations
     assert {w["rule"] for w in dropped.warnings} == {"max_length"}
     n_dropped = len(dropped.dropped["train"])
-    assert 0 < n_dropped < 60
+    assert 0 < n_dropped < N["n_train"]
     write_processed(splits, params, dropped, tmp_path / "processed")
     manifest = json.loads((tmp_path / "processed/manifest.json").read_text(encoding="utf-8"))
-    assert manifest["rows"]["train"] == 60 - n_dropped and manifest["dropped"]["train"] == dropped.dropped["train"]
-    assert len((tmp_path / "processed/train.jsonl").read_text(encoding="utf-8").splitlines()) == 60 - n_dropped
+    assert manifest["rows"]["train"] == N["n_train"] - n_dropped and manifest["dropped"]["train"] == dropped.dropped["train"]
+    assert len((tmp_path / "processed/train.jsonl").read_text(encoding="utf-8").splitlines()) == N["n_train"] - n_dropped
 
 
 def test_a_record_that_grows_in_normalisation_is_still_read_downstream(root, tmp_path):
@@ -185,7 +176,7 @@ def test_a_record_that_grows_in_normalisation_is_still_read_downstream(root, tmp
     manifest = json.loads((tmp_path / "processed/manifest.json").read_text(encoding="utf-8"))
     assert manifest["max_line_bytes"]["train"] > 1000  # the processed line outgrew the limit
     examples = read_examples(tmp_path / "processed", "train", params.validation.max_record_bytes)
-    assert len(examples) == 60 and "x" * 100 in examples[0].messages[1]["content"]
+    assert len(examples) == N["n_train"] and "x" * 100 in examples[0].messages[1]["content"]
 
 
 def test_an_eval_item_copied_into_train_is_leakage(root):
@@ -197,7 +188,7 @@ def test_an_eval_item_copied_into_train_is_leakage(root):
     outcome, _ = validate_datasets(params_for(root), root / "report")
     assert [v["message"] for v in outcome.violations] == [
         f"{eval_}:3 (id {eval_rows[2]['id']}): leakage on prompt: the prompt also appears in train at "
-        f"{train}:61 (id copied-1)"]
+        f"{train}:{N['n_train'] + 1} (id copied-1)"]
 
 
 def test_a_validation_item_seen_in_train_or_eval_is_leakage(root):
@@ -206,9 +197,9 @@ def test_a_validation_item_seen_in_train_or_eval_is_leakage(root):
     write(validation, rows(validation) + [dict(eval_rows[4], id="from-eval"), dict(train_rows[7], id="from-train")])
     outcome, _ = validate_datasets(params_for(root), root / "report")
     assert [v["message"] for v in outcome.violations] == [
-        f"{validation}:12 (id from-train): leakage on prompt: the prompt also appears in train at "
+        f"{validation}:{N['n_validation'] + 2} (id from-train): leakage on prompt: the prompt also appears in train at "
         f"{train}:8 (id {train_rows[7]['id']})",
-        f"{validation}:11 (id from-eval): leakage on prompt: the prompt also appears in eval at "
+        f"{validation}:{N['n_validation'] + 1} (id from-eval): leakage on prompt: the prompt also appears in eval at "
         f"{eval_}:5 (id {eval_rows[4]['id']})"]
 
 
@@ -231,7 +222,8 @@ def test_without_a_validation_set_a_deterministic_disjoint_share_of_train_is_car
     params = params_for(root, data={"validation": None})
     outcome, splits = validate_datasets(params, root / "r1")
     assert outcome.success, outcome.violations
-    assert outcome.rows["train"] == 54 and outcome.rows["validation"] == 6  # validate.validation_fraction 0.1 of 60
+    carved_n = round(0.1 * N["n_train"])  # validate.validation_fraction 0.1 of train
+    assert outcome.rows["train"] == N["n_train"] - carved_n and outcome.rows["validation"] == carved_n
     write_processed(splits, params, outcome, tmp_path / "p1")
     kept = [r["id"] for r in rows(tmp_path / "p1/train.jsonl")]
     carved = [r["id"] for r in rows(tmp_path / "p1/validation.jsonl")]
@@ -257,7 +249,7 @@ def test_a_held_out_line_copied_from_the_corpus_fails_the_gate(root):
     good, _ = validate_datasets(params_for(root), root / "r0")
     assert good.success and good.metrics()["domain_eval_corpus_line_share"] == 0.0
     share = good.metrics()["domain_eval_corpus_4gram_share"]
-    assert 0 <= share < 1  # same templates, other facts (the 30-line corpus here holds few of their 4-grams)
+    assert 0 <= share < 1  # same templates, other facts (the small corpus here holds few of their 4-grams)
     assert good.metrics()["general_eval_corpus_4gram_share"] == 0.0
     lines = corpus.read_text(encoding="utf-8").splitlines()
     copy = lines[5]
@@ -265,9 +257,9 @@ def test_a_held_out_line_copied_from_the_corpus_fails_the_gate(root):
     held.write_text(held.read_text(encoding="utf-8") + "  " + copy.replace(" ", "   ") + "\n", encoding="utf-8")
     failed, _ = validate_datasets(params_for(root), root / "r1")
     assert [v["message"] for v in failed.violations] == [
-        f"{held}:11: heldout_overlap on text: the line is also domain_corpus line {corpus}:{lines.index(copy) + 1}: "
+        f"{held}:{N['n_heldout_lines'] + 1}: heldout_overlap on text: the line is also domain_corpus line {corpus}:{lines.index(copy) + 1}: "
         "perplexity on it measures memorisation, not the domain"]
-    assert failed.metrics()["domain_eval_corpus_line_share"] == 1 / 11
+    assert failed.metrics()["domain_eval_corpus_line_share"] == 1 / (N["n_heldout_lines"] + 1)
     assert failed.metrics()["domain_eval_corpus_4gram_share"] > share  # every gram of the copy is in the corpus
     warned, _ = validate_datasets(params_for(root, validate={"severity": {"heldout_overlap": "warn"}}), root / "r2")
     assert warned.success and [w["rule"] for w in warned.warnings] == ["heldout_overlap"]

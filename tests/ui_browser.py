@@ -130,6 +130,7 @@ def api(base: str, path: str, body: dict | None = None, **query: str) -> dict:
         return json.load(response)
 
 
+@pytest.mark.extended  # a browser on the whole default pipeline run: `make test-extended` (CI runs it)
 @NEEDS_CHROMIUM
 def test_ui_in_chromium_shows_the_pipeline_run_and_the_champion(pipeline_run, tmp_path):
     project = pipeline_run["project"]
