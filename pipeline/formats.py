@@ -193,14 +193,24 @@ def conversation_problems(value: dict, fmt: str, problems: Problems) -> None:
         problems.add("assistant_non_empty", f"assistant turn(s) {empty} are empty")
 
 
-def structure_problems(value, fmt: str, min_choices: int = 2, max_choices: int = 10) -> Problems:
-    """Every structural rule the record breaks (schema, choices/answer, roles); empty when it can become an Example."""
+def needs_passage(task: TaskParams) -> bool:
+    """An mcq item must carry a passage when the task's template shows one; closed-book sets (ARC, MMLU)
+    use a template without `{passage}` and may leave it empty or out."""
+    return "{passage}" in task.user_template
+
+
+def structure_problems(value, fmt: str, min_choices: int = 2, max_choices: int = 10,
+                       passage: bool = True) -> Problems:
+    """Every structural rule the record breaks (schema, choices/answer, roles); empty when it can become an
+    Example. `passage=False`: an mcq passage is optional (see needs_passage)."""
     problems = Problems()
     if not isinstance(value, dict):
         problems.add("required", f"record must be an object, got {json_type(value)}")
         return problems
     for name, (types, required) in FIELDS[fmt].items():
         v = value.get(name)
+        if fmt == "mcq" and name == "passage" and not passage:
+            required = False
         if v is None:
             if required:
                 problems.add("required", f"`{name}` is missing" if name not in value else f"`{name}` is null")
@@ -210,6 +220,8 @@ def structure_problems(value, fmt: str, min_choices: int = 2, max_choices: int =
         if fmt != "text" and value.get(name) is not None and json_type(value[name]) not in types:
             problems.add("type", f"`{name}` must be a JSON {' or '.join(types)}, got {json_type(value[name])}")
     for name in NON_EMPTY.get(fmt, ()):
+        if fmt == "mcq" and name == "passage" and not passage:
+            continue
         if isinstance(value.get(name), str) and not value[name].strip():
             problems.add("non_empty", f"`{name}` is empty or whitespace")
     if problem := bad_utf8(value):
@@ -240,7 +252,7 @@ def to_example(record: Record, fmt: str, task: TaskParams) -> Example:
     base = {"id": record_id(record), "source": record.where(), "category": category}
     if fmt == "mcq":
         index, _ = answer_index(v["answer"], v["choices"])
-        messages = mcq_prompt(v["passage"], v["question"], v["choices"], task)
+        messages = mcq_prompt(v.get("passage") or "", v["question"], v["choices"], task)
         messages.append({"role": "assistant", "content": str(index)})
         return Example(messages=messages, choices=list(v["choices"]), answer=index, **base)
     if fmt == "alpaca":

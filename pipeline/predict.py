@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.config import cli_parser, load_params, run_cli
 from pipeline.data import DEFAULT_MAX_RECORD_BYTES, DataError, Record, read_records
 from pipeline.evaluate import choose, option_logprobs
-from pipeline.formats import CHAT_SUFFIXES, Example, structure_problems, to_example
+from pipeline.formats import CHAT_SUFFIXES, Example, needs_passage, structure_problems, to_example
 from pipeline.registry import load_registered, version_task
 from pipeline.tracking import configure
 
@@ -29,7 +29,7 @@ def mcq_examples(path: str | Path, task, max_record_bytes: int = DEFAULT_MAX_REC
     for record in read_records(path, CHAT_SUFFIXES, max_record_bytes):
         has_answer = isinstance(record.value, dict) and record.value.get("answer") is not None
         value = record.value if has_answer else {**record.value, "answer": 1}
-        problems = structure_problems(value, "mcq").found
+        problems = structure_problems(value, "mcq", passage=needs_passage(task)).found
         if problems:
             rule, message = next(iter(problems.items()))
             raise DataError(f"{record.where()}: {rule}: {message}")

