@@ -2,15 +2,14 @@
 
     .venv/bin/python -m pipeline.profile params-real.yaml [--name real-boolq] [--dry-run]
 
-Each leaf of the profile becomes one `-S key=value` of `dvc exp run` (values written as JSON, which
-YAML reads back exactly, so multi-line prompts survive), so params.yaml stays the committed default and
+Each leaf of the profile becomes one `-S key=value` of `dvc exp run` (in the override grammar DVC
+parses: multi-line prompts survive quoted), so params.yaml stays the committed default and
 the experiment records exactly what the profile changed (`dvc exp show`). The overlay is validated
 against the params schema before anything runs: a misspelt key stops here, naming it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,15 +22,33 @@ from pipeline.data import DataError
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """Dotted keys of every leaf; a dict inside `data` (a dataset: path + format) stays one value."""
+    """Dotted keys of every leaf."""
     out: dict[str, object] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not (prefix == "data." and "path" in value):
+        if isinstance(value, dict) and value:
             out |= flatten(value, f"{name}.")
         else:
             out[name] = value
     return out
+
+
+def override_value(value) -> str:
+    """A value in the override grammar `dvc exp run -S` parses (Hydra's): strings single-quoted (any
+    character, newlines included, with quotes and backslashes escaped), lists in brackets."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict) and not value:
+        return "{}"
+    raise DataError(f"profile value {value!r}: not a string, number, boolean, null or list")
 
 
 def merged(base: dict, overlay: dict) -> dict:
@@ -55,7 +72,7 @@ def overrides(profile: Path, params_file: Path = Path("params.yaml")) -> list[st
     except ValidationError as e:
         first = e.errors()[0]
         raise DataError(f"{profile}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    return [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in flatten(overlay).items()]
+    return [f"{key}={override_value(value)}" for key, value in flatten(overlay).items()]
 
 
 def main(argv: list[str] | None = None) -> None:
