@@ -91,7 +91,9 @@ class TaskParams(Strict):
 
     @model_validator(mode="after")
     def _template_fields(self):
-        for field in ("{passage}", "{question}", "{choices}"):
+        # {passage} is optional: a template without it is for closed-book items (ARC, MMLU), whose mcq
+        # records may then leave `passage` empty (formats.needs_passage)
+        for field in ("{question}", "{choices}"):
             if field not in self.user_template:
                 raise ValueError(f"task.user_template must contain {field}")
         return self

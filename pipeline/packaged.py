@@ -33,6 +33,7 @@ class Packaged:
     upstream: str  # the model the GGUF was converted from
     licence: str
     chat_template: str | None = None  # a file of TRL's chat_templates/ when the GGUF carries no template
+    stop_tokens: tuple[str, ...] = ()  # that template's end-of-turn marker(s): generation stops there too
 
 
 PACKAGED: dict[str, Packaged] = {
@@ -48,7 +49,7 @@ PACKAGED: dict[str, Packaged] = {
                     for i in range(4)),
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         upstream="google/gemma-3-270m (Q4_K_M GGUF)", licence="Gemma Terms of Use (ai.google.dev/gemma/terms)",
-        chat_template="gemma3.jinja"),
+        chat_template="gemma3.jinja", stop_tokens=("<end_of_turn>",)),
 }
 
 
@@ -111,26 +112,42 @@ def trl_chat_template(filename: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def packaged_tokenizer(name: str, gguf: Path):
+    """The tokenizer inside the GGUF, with the chat template training uses (TRL's copy when it has none)."""
+    from transformers import AutoTokenizer
+
+    spec = PACKAGED[name]
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if spec.chat_template:
+        tokenizer.chat_template = trl_chat_template(spec.chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def build_packaged_base(name: str, out_dir: Path, assemble_dir: Path) -> dict:
     """Dequantize the packaged GGUF of `name` into a float32 model directory at out_dir (atomically)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from pipeline.modeling import save_atomically
 
     spec = PACKAGED[name]
     gguf = gguf_file(name, assemble_dir)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = packaged_tokenizer(name, gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers dequantizes the GGUF into float32 tensors but keeps its GGUF quantizer attached, which
     # refuses save_pretrained; the weights are plain tensors, so drop the quantizer and save them as such.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    if spec.chat_template:
-        tokenizer.chat_template = trl_chat_template(spec.chat_template)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if spec.stop_tokens:  # the supplied template ends a turn with its own marker: generation must stop there
+        stops = [tokenizer.convert_tokens_to_ids(t) for t in spec.stop_tokens]
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in stops:
+            raise DataError(f"{name}: the tokenizer has no {spec.stop_tokens} token")
+        eos = model.generation_config.eos_token_id
+        model.generation_config.eos_token_id = sorted({*(eos if isinstance(eos, list) else [eos]), *stops} - {None})
     record = {"name": name, **asdict(spec), "parts": [list(p) for p in spec.parts],
+              "stop_tokens": list(spec.stop_tokens),
               "parameters": sum(p.numel() for p in model.parameters())}
 
     class Record:
