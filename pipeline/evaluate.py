@@ -146,12 +146,22 @@ def by_category(examples: list[Example], correct: list[bool]) -> dict[str, float
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
+def accuracy_ci95(correct: int, n: int) -> tuple[float, float]:
+    """The Wilson score 95 % interval of an accuracy of correct/n (scipy's binomtest)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def mcq_metrics(name: str, model, tokenizer, examples, stop_ids, params) -> tuple[dict, dict]:
     """Log-likelihood accuracy (per category), generation exact match and EOS-stop rate."""
     predictions = choose(option_logprobs(model, tokenizer, examples, params.evaluate.batch_size))
     accuracy = by_category(examples, [p == e.answer for p, e in zip(predictions, examples, strict=True)])
     generations = generate(model, tokenizer, examples, stop_ids, params)
+    low, high = accuracy_ci95(sum(p == e.answer for p, e in zip(predictions, examples, strict=True)), len(examples))
     metrics = {f"{name}_accuracy": accuracy.pop("all"), **{f"{name}_accuracy_{c}": v for c, v in accuracy.items()},
+               f"{name}_acc_ci95_low": low, f"{name}_acc_ci95_high": high,
                f"{name}_generation_em": mean([parse_option(g["text"]) == e.answer
                                               for g, e in zip(generations, examples, strict=True)]),
                f"{name}_eos_rate": mean([g["stopped"] for g in generations])}

@@ -145,3 +145,36 @@ def test_the_packaged_smollm2_dequantizes_into_a_model_that_answers(tmp_path):
                                          return_dict=True)
     out = model.generate(**chat, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, chat["input_ids"].shape[1]:])
+
+
+def test_the_real_profile_reaches_params_exactly_through_dvcs_override_parser(tmp_path):
+    """`pipeline.profile` turns params-real.yaml into `-S` overrides; DVC's own parser (what `dvc exp run -S`
+    calls) applied to a copy of params.yaml gives exactly params.yaml merged with the profile, multi-line
+    prompts included, and the result is valid params."""
+    import shutil
+
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    from pipeline.config import Params
+    from pipeline.profile import merged, overrides
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    sets = overrides(REPO / "params-real.yaml", tmp_path / "params.yaml")
+    apply_overrides(tmp_path / "params.yaml", sets)
+    applied = yaml.safe_load((tmp_path / "params.yaml").read_text(encoding="utf-8"))
+    profile = yaml.safe_load((REPO / "params-real.yaml").read_text(encoding="utf-8"))
+    assert applied == merged(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), profile)
+    params = Params.model_validate(applied)
+    assert params.base.model == "smollm2-135m-instruct" and "\n\nQuestion:\n" in params.task.user_template
+    assert params.registry.model_name != Params.model_validate(
+        yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))).registry.model_name
+
+
+def test_a_misspelt_profile_key_stops_before_anything_runs(tmp_path):
+    from pipeline.data import DataError
+    from pipeline.profile import overrides
+
+    (tmp_path / "bad.yaml").write_text("sft:\n  max_stpes: 10\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.yaml: sft.max_stpes: Extra inputs are not permitted"):
+        overrides(tmp_path / "bad.yaml", REPO / "params.yaml")

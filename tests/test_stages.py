@@ -205,3 +205,11 @@ def test_option_scoring_and_perplexity(tiny):
     assert all(1 <= p <= 5 for p in choose(scores))
     ppl = perplexity(model, tokenizer, lines(root / "data/domain_eval.txt"), 32)
     assert 1 < ppl < 10 * len(tokenizer)
+
+
+def test_accuracy_interval_is_the_wilson_score_interval():
+    from pipeline.evaluate import accuracy_ci95
+
+    low, high = accuracy_ci95(119, 150)  # the reference run's tuned accuracy, 0.7933 of 150 items
+    assert (round(low, 4), round(high, 4)) == (0.7216, 0.8504)  # Wilson: (p + z²/2n ± z√(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    assert accuracy_ci95(0, 10)[0] == 0.0 and accuracy_ci95(10, 10)[1] == 1.0  # never outside [0, 1]
