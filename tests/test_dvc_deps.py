@@ -20,7 +20,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "flows")
-STAGE_CMD = re.compile(r"^\s*(?:bin/stage\s+(?P<stage>[\w.]+)|\S*python\S*\s+-m\s+(?P<module>[\w.]+))\s*$")
+STAGE_CMD = re.compile(r"^\s*(?:bin/stage\s+(?P<stage>[\w.]+)(?:\s+\S.*)?|\S*python\S*\s+-m\s+(?P<module>[\w.]+))\s*$")
 
 
 def module_file(name: str) -> Path | None:
@@ -95,7 +95,11 @@ def dep_paths(stage: dict) -> list[str]:
     return [str(d) for d in deps]
 
 
-STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+# Every pipeline file: the root dvc.yaml and the real-data imports (data/real/dvc.yaml), whose paths are
+# relative to their own directory (then to `wdir`).
+DVC_FILES = (REPO / "dvc.yaml", REPO / "data/real/dvc.yaml")
+STAGES = {(name if f.parent == REPO else f"{f.relative_to(REPO).as_posix()}:{name}"): stage | {"_dir": f.parent}
+          for f in DVC_FILES for name, stage in yaml.safe_load(f.read_text(encoding="utf-8"))["stages"].items()}
 
 
 def test_the_closure_follows_every_kind_of_import():
@@ -118,7 +122,7 @@ def test_the_closure_follows_every_kind_of_import():
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_deps_list_every_module_it_imports(name):
     stage = STAGES[name]
-    wdir = (REPO / stage.get("wdir", ".")).resolve()
+    wdir = (stage["_dir"] / stage.get("wdir", ".")).resolve()
     deps = [(wdir / d).resolve() for d in dep_paths(stage) if "${" not in d]
     closure = import_closure(stage_module(name, stage))
     missing = sorted(f.relative_to(REPO).as_posix() for f in closure.values()
@@ -131,7 +135,7 @@ def test_stage_deps_list_every_module_it_imports(name):
 def test_every_source_dep_exists(name):
     """The reverse: a dep that names project source (pipeline/, flows/, bin/ or a .py file) is a real path."""
     stage = STAGES[name]
-    wdir = (REPO / stage.get("wdir", ".")).resolve()
+    wdir = (stage["_dir"] / stage.get("wdir", ".")).resolve()
     source = [d for d in dep_paths(stage) if "${" not in d
               and (d.endswith(".py") or Path(d).parts[0] in (*PACKAGES, "bin"))]
     absent = [d for d in source if not (wdir / d).exists()]
