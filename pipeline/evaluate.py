@@ -52,23 +52,28 @@ def option_sequences(tokenizer, example: Example) -> list[Encoded]:
 
 @no_grad
 def masked_logprobs(model, tokenizer, sequences: list[Encoded], batch_size: int) -> list[tuple[float, int]]:
-    """(sum of log-probs, token count) of the masked tokens of each sequence, in right-padded batches."""
+    """(sum of log-probs, token count) of the masked tokens of each sequence, in right-padded batches.
+
+    Batches are formed longest first (the results come back in the input order), so a batch holds sequences
+    of similar length and little of each forward pass is spent on padding."""
     import torch
 
     device = device_of(model)
-    out = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        chunk = [sequences[i] for i in rows]
         width = max(len(s.input_ids) for s in chunk)
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([s.input_ids + [pad] * (width - len(s.input_ids)) for s in chunk], device=device)
         attention = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in chunk],
                                  device=device)
         logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), dim=-1)
-        for row, seq in enumerate(chunk):
+        for row, (index, seq) in enumerate(zip(rows, chunk, strict=True)):
             positions = torch.tensor([i for i, bit in enumerate(seq.assistant_masks) if bit and i > 0], device=device)
             targets = input_ids[row, positions]
-            out.append((logprobs[row, positions - 1, targets].sum().item(), len(positions)))
+            out[index] = (logprobs[row, positions - 1, targets].sum().item(), len(positions))
     return out
 
 

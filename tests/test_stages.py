@@ -191,7 +191,7 @@ def test_sft_batches_carry_exactly_the_masked_answer_tokens(tiny, tmp_path):
 
 
 def test_option_scoring_and_perplexity(tiny):
-    from pipeline.evaluate import choose, option_logprobs, perplexity
+    from pipeline.evaluate import choose, option_logprobs, option_sequences, perplexity
     from pipeline.modeling import load_causal_lm, load_tokenizer
 
     root, params = tiny
@@ -199,9 +199,10 @@ def test_option_scoring_and_perplexity(tiny):
     items = examples(root / "data/eval.jsonl", params)[:6]
     scores = option_logprobs(model, tokenizer, items, 16)
     assert len(scores) == 6 and all(len(s) == 5 and all(v < 0 for v in s) for s in scores)
-    # Batched scoring equals scoring one sequence at a time.
-    single = option_logprobs(model, tokenizer, items[:1], 1)
-    assert single[0] == pytest.approx(scores[0], abs=1e-4)
+    # Batched scoring (longest first, results back in input order) equals scoring one sequence at a time.
+    single = [option_logprobs(model, tokenizer, [item], 1)[0] for item in items]
+    assert len({len(s.input_ids) for i in items for s in option_sequences(tokenizer, i)}) > 1  # lengths differ
+    assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(single, scores, strict=True))
     assert all(1 <= p <= 5 for p in choose(scores))
     ppl = perplexity(model, tokenizer, lines(root / "data/domain_eval.txt"), 32)
     assert 1 < ppl < 10 * len(tokenizer)
