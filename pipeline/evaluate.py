@@ -55,10 +55,16 @@ def masked_logprobs(model, tokenizer, sequences: list[Encoded], batch_size: int)
     """(sum of log-probs, token count) of the masked tokens of each sequence, in right-padded batches.
 
     Batches are formed longest first (the results come back in the input order), so a batch holds sequences
-    of similar length and little of each forward pass is spent on padding."""
+    of similar length and little of each forward pass is spent on padding. The LM head runs only at the
+    positions that predict a scored token (`logits_to_keep` with those positions, the union over the
+    batch): an answer is a few tokens, so this skips almost all of the vocabulary projection and softmax,
+    and the model's own head (Gemma's logit soft-capping included) still computes them."""
     import torch
 
     device = device_of(model)
+    scored = [[i for i, bit in enumerate(s.assistant_masks) if bit and i > 0] for s in sequences]
+    config = getattr(model, "active_peft_config", None)
+    offset = config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
     for start in range(0, len(order), batch_size):
@@ -69,11 +75,16 @@ def masked_logprobs(model, tokenizer, sequences: list[Encoded], batch_size: int)
         input_ids = torch.tensor([s.input_ids + [pad] * (width - len(s.input_ids)) for s in chunk], device=device)
         attention = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in chunk],
                                  device=device)
-        logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), dim=-1)
-        for row, (index, seq) in enumerate(zip(rows, chunk, strict=True)):
-            positions = torch.tensor([i for i, bit in enumerate(seq.assistant_masks) if bit and i > 0], device=device)
-            targets = input_ids[row, positions]
-            out[index] = (logprobs[row, positions - 1, targets].sum().item(), len(positions))
+        # A prompt-tuning adapter prepends its virtual tokens: its outputs are that many positions later.
+        keep = sorted({p - 1 + offset for i in rows for p in scored[i]}) or [0]  # (a chunk with nothing to score)
+        column = {p: j for j, p in enumerate(keep)}
+        logits = model(input_ids=input_ids, attention_mask=attention,
+                       logits_to_keep=torch.tensor(keep, device=device)).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [batch, len(keep), vocab]
+        for row, index in enumerate(rows):
+            positions = torch.tensor(scored[index], device=device, dtype=torch.long)
+            columns = torch.tensor([column[p - 1 + offset] for p in scored[index]], device=device, dtype=torch.long)
+            out[index] = (logprobs[row, columns, input_ids[row, positions]].sum().item(), len(scored[index]))
     return out
 
 
