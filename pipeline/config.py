@@ -234,7 +234,9 @@ class EvaluateParams(Strict):
 # by eval format, and which way is better (True: higher). pipeline/evaluate.py produces exactly these;
 # MCQ items that carry a category also get `accuracy_<category>` (higher is better).
 EVAL_METRICS: dict[str, dict[str, bool]] = {
-    "mcq": {"accuracy": True, "generation_em": True, "eos_rate": True, "ppl_domain": False, "ppl_general": False},
+    # acc_ci95_low/high: the Wilson 95 % interval of accuracy (a gate on the low end asks for a sure gain)
+    "mcq": {"accuracy": True, "acc_ci95_low": True, "acc_ci95_high": True, "generation_em": True, "eos_rate": True,
+            "ppl_domain": False, "ppl_general": False},
     "chat": {"answer_loss": False, "answer_ppl": False, "generation_em": True, "rougeL": True, "eos_rate": True,
              "ppl_domain": False, "ppl_general": False},
 }

@@ -106,4 +106,5 @@ def test_a_gate_or_guard_typo_is_refused_when_params_load(params, gate, guards, 
         Params.model_validate(raw)
     assert message in str(exc.value)
     if "is not a metric" in message:
-        assert "valid: tuned_accuracy, tuned_generation_em, tuned_eos_rate" in str(exc.value)
+        assert "valid: tuned_accuracy, tuned_acc_ci95_low, tuned_acc_ci95_high, tuned_generation_em, tuned_eos_rate" \
+            in str(exc.value)
