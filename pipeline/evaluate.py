@@ -88,9 +88,87 @@ def masked_logprobs(model, tokenizer, sequences: list[Encoded], batch_size: int)
     return out
 
 
+def shared_prefix(sequences: list[Encoded]) -> int:
+    """How many leading tokens all options of an item share, stopping before the first scored token."""
+    first = min(next(i for i, bit in enumerate(s.assistant_masks) if bit and i > 0) for s in sequences)
+    for n, column in enumerate(zip(*(s.input_ids[:first] for s in sequences))):
+        if len(set(column)) > 1:
+            return n
+    return first
+
+
+def prefix_sharing_fits(model, per_item: list[list[Encoded]]) -> bool:
+    """Whether the KV-cached scorer gives the plain scorer's numbers for this model: not for a prompt-learning
+    adapter (its virtual tokens come before the cache), and only while a sliding-window model's window covers
+    every sequence (the cache's padding gap would otherwise shift the window)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        return False
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if window is None or not per_item:
+        return True
+    prefixes = [shared_prefix(seqs) for seqs in per_item]
+    tails = max(len(s.input_ids) - n for seqs, n in zip(per_item, prefixes, strict=True) for s in seqs)
+    return max(prefixes) + tails <= window  # the widest cache a batch can have
+
+
+@no_grad
+def shared_prompt_logprobs(model, tokenizer, per_item: list[list[Encoded]], batch_size: int) -> list[list[float]]:
+    """Per item, each option's summed log-prob of its scored tokens, with the prompt run once for all options.
+
+    The options of an item differ only after the prompt: one forward pass over `batch_size` prompts (right
+    padded, longest first) fills a KV cache, which is then repeated once per option, and a second pass runs just
+    the options' own few tokens on it (their position ids continue each prompt; the padding gap stays masked).
+    The first answer token is predicted by the prompt pass's last position. For BoolQ's two options that halves
+    the tokens through the model, for ARC's four it quarters them, and the numbers are the plain scorer's."""
+    import torch
+    from transformers import DynamicCache
+
+    device = device_of(model)
+    pad = tokenizer.pad_token_id
+    prefix = [shared_prefix(seqs) for seqs in per_item]
+    scored = [[[p for p, bit in enumerate(s.assistant_masks) if bit and p > 0] for s in seqs] for seqs in per_item]
+    order = sorted(range(len(per_item)), key=lambda i: -prefix[i])
+    out: list[list[float]] = [[] for _ in per_item]
+    for start in range(0, len(order), batch_size):
+        items = order[start:start + batch_size]
+        width = max(prefix[i] for i in items)
+        prompt_mask = torch.tensor([[1] * prefix[i] + [0] * (width - prefix[i]) for i in items], device=device)
+        prompt_ids = torch.tensor([per_item[i][0].input_ids[:prefix[i]] + [pad] * (width - prefix[i]) for i in items],
+                                  device=device)
+        last = sorted({prefix[i] - 1 for i in items})
+        cache = DynamicCache()  # plain layers: a config-made cache would crop a sliding window's layers
+        logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
+                       logits_to_keep=torch.tensor(last, device=device)).logits
+        columns = torch.tensor([last.index(prefix[i] - 1) for i in items], device=device)
+        first = torch.log_softmax(logits[torch.arange(len(items), device=device), columns].float(), dim=-1)
+        rows = [(b, i, k) for b, i in enumerate(items) for k in range(len(per_item[i]))]
+        # Each option's tokens after the prompt, up to its last scored token.
+        tails = [per_item[i][k].input_ids[prefix[i]:scored[i][k][-1]] for _, i, k in rows]
+        length = max(1, max(len(t) for t in tails))
+        cache.batch_select_indices(torch.tensor([b for b, _, _ in rows], device=device))
+        tail_ids = torch.tensor([t + [pad] * (length - len(t)) for t in tails], device=device)
+        tail_mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in tails], device=device)
+        positions = torch.tensor([[prefix[i] + j for j in range(length)] for _, i, _ in rows], device=device)
+        keep = sorted({p - 1 - prefix[i] for _, i, k in rows for p in scored[i][k] if p > prefix[i]}) or [0]
+        logits = model(input_ids=tail_ids, attention_mask=torch.cat([prompt_mask[[b for b, _, _ in rows]], tail_mask], 1),
+                       position_ids=positions, past_key_values=cache, use_cache=True,
+                       logits_to_keep=torch.tensor(keep, device=device)).logits
+        rest = torch.log_softmax(logits.float(), dim=-1)  # [option rows, len(keep), vocab]
+        for r, (b, i, k) in enumerate(rows):
+            ids = per_item[i][k].input_ids
+            out[i].append(sum((first[b, ids[p]] if p == prefix[i] else rest[r, keep.index(p - 1 - prefix[i]), ids[p]]).item()
+                              for p in scored[i][k]))
+    return out
+
+
 def option_logprobs(model, tokenizer, examples: list[Example], batch_size: int) -> list[list[float]]:
-    """Per MCQ example, the log-likelihood of each option's answer (batched over all options of all items)."""
+    """Per MCQ example, the log-likelihood of each option's answer: the prompt shared by all options of an item
+    is run once (`shared_prompt_logprobs`) where that gives the same numbers, else every option is a full
+    sequence in the batched scorer."""
     per_item = [option_sequences(tokenizer, e) for e in examples]
+    if prefix_sharing_fits(model, per_item):
+        return shared_prompt_logprobs(model, tokenizer, per_item, batch_size)
     flat = masked_logprobs(model, tokenizer, [s for seqs in per_item for s in seqs], batch_size)
     scores, start = [], 0
     for seqs in per_item:

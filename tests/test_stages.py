@@ -191,7 +191,8 @@ def test_sft_batches_carry_exactly_the_masked_answer_tokens(tiny, tmp_path):
 
 
 def test_option_scoring_and_perplexity(tiny):
-    from pipeline.evaluate import choose, option_logprobs, option_sequences, perplexity
+    from pipeline.evaluate import (choose, masked_logprobs, option_logprobs, option_sequences, perplexity,
+                                   prefix_sharing_fits)
     from pipeline.modeling import load_causal_lm, load_tokenizer
 
     root, params = tiny
@@ -203,6 +204,10 @@ def test_option_scoring_and_perplexity(tiny):
     single = [option_logprobs(model, tokenizer, [item], 1)[0] for item in items]
     assert len({len(s.input_ids) for i in items for s in option_sequences(tokenizer, i)}) > 1  # lengths differ
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(single, scores, strict=True))
+    # The prompt runs once per item (KV cache repeated per option) and gives every full sequence's own number.
+    assert prefix_sharing_fits(model, [option_sequences(tokenizer, i) for i in items])
+    flat = masked_logprobs(model, tokenizer, [s for i in items for s in option_sequences(tokenizer, i)], 16)
+    assert [v for s in scores for v in s] == pytest.approx([total for total, _ in flat], abs=1e-4)
     # ... and the textbook computation: log-softmax of the full logits, summed at the masked tokens.
     import torch
 
