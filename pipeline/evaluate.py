@@ -29,7 +29,7 @@ from pipeline.chat import (
 )
 from pipeline.config import Params, load_params, run_cli
 from pipeline.formats import Example, normalised, prompt_of, read_examples, read_texts
-from pipeline.modeling import device_of, load_causal_lm, load_tokenizer, no_grad, resolve_model
+from pipeline.modeling import device_of, document_ids, load_causal_lm, load_tokenizer, no_grad, resolve_model
 from pipeline.tracking import stage_run
 
 
@@ -185,7 +185,7 @@ def perplexity(model, tokenizer, lines: list[str], block_size: int) -> float:
     device = device_of(model)
     ids: list[int] = []
     for line in lines:
-        ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        ids.extend(document_ids(tokenizer, line))  # as DAPT packs them
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, block_size):
         block = torch.tensor([ids[start:start + block_size + 1]], device=device)

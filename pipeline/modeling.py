@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
@@ -116,10 +117,17 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def document_ids(tokenizer, text: str) -> list[int]:
+    """A raw-text document's tokens as pretraining fed them: with the tokenizer's own special tokens (Gemma's and
+    Llama 3's BOS; none for the built-in tiny tokenizer or SmolLM2), then EOS to end it. Packing documents
+    without the BOS a model always saw first makes it relearn the format, which then looks like a domain gain."""
+    ids = tokenizer(text)["input_ids"]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else [*ids, tokenizer.eos_token_id]
+
+
 def load_causal_lm(path: str | Path, quantization: str = "none", double_quant: bool = True,
                    compute_dtype: str = "float32", revision: str | None = None):
     """The model at path (following model_ref.json); `revision` pins a hub id given directly."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     name, ref_revision = resolve_model(path)
@@ -128,9 +136,41 @@ def load_causal_lm(path: str | Path, quantization: str = "none", double_quant: b
     qconfig = quantization_config(quantization, double_quant, compute_dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    if torch.cuda.is_available():
-        kwargs["device_map"] = "auto"
+    placement = device_map()
+    if placement is not None:
+        kwargs["device_map"] = placement
     return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def device_map(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> str | dict[str, int] | None:
+    """Where from_pretrained puts the weights, from the process environment (`env`, else os.environ) and
+    whether CUDA is present (`cuda`, else asked of torch).
+
+    None without CUDA. "auto" for a single process: the layers spread over every visible GPU. Under a
+    launcher (torchrun, `accelerate launch`: LOCAL_RANK set or WORLD_SIZE > 1) each data-parallel process
+    holds a whole copy on its own GPU, `{"": LOCAL_RANK}` (the documented way for QLoRA + DDP): with "auto"
+    every rank would spread its copy over all the GPUs, which DDP cannot train. None again under FSDP or
+    DeepSpeed ZeRO-3 (or DeepSpeed with no stage in the environment), which place and shard the weights
+    themselves; transformers refuses a device_map under ZeRO-3.
+    """
+    env = os.environ if env is None else env
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return None
+    if "LOCAL_RANK" not in env and int(env.get("WORLD_SIZE", "1")) <= 1:
+        return "auto"
+    if _flag(env, "ACCELERATE_USE_FSDP"):
+        return None
+    if _flag(env, "ACCELERATE_USE_DEEPSPEED") and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") not in ("0", "1", "2"):
+        return None
+    return {"": int(env.get("LOCAL_RANK", "0"))}
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
 def cache_dir() -> Path:
@@ -148,8 +188,9 @@ def local_base(artifact_uri: str, sha256: str) -> Path:
 
     run_id, _, sub = artifact_uri.removeprefix("runs:/").partition("/")
     root = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
-    if root.startswith("file://") or "://" not in root:
-        path = Path(unquote(urlsplit(root).path) if root.startswith("file://") else root) / sub
+    scheme = urlsplit(root).scheme  # "mlflow-artifacts:/..." (a proxying server) has no "//" but is remote
+    if scheme in ("", "file"):
+        path = Path(unquote(urlsplit(root).path) if scheme == "file" else root) / sub
     else:
         path = cache_dir() / "bases" / sha256
         if not path.is_dir():

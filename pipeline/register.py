@@ -246,7 +246,7 @@ def register_adapter(params: Params, metrics: dict, scored: dict) -> dict:
     adapter_sha256 = file_sha256(adapter_dir / "adapter_model.safetensors")
     # The adapter sits on the DAPT output (or the base when DAPT is off).
     base_name, revision = resolve_model(params.dapt.out_dir)
-    with registry_lock(tracking_uri(params)), stage_run(params, "register") as run:
+    with registry_lock(tracking_uri(params), name), stage_run(params, "register") as run:
         client = MlflowClient()
         version = existing_version(client, name, adapter_sha256)
         mlflow.log_params({"model_name": name, "gate_metric": params.registry.gate_metric,

@@ -6,7 +6,11 @@ reproduce) and by what moves aliases (register, rollback).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,19 +33,71 @@ def model_version(client, model_uri: str):
     return client.get_model_version(name, version)
 
 
-def registry_lock(uri: str):
-    """A lock around a whole registration or rollback, so two cannot interleave.
+LOCK_URL_ENV = "PIPELINE_REGISTRY_LOCK_URL"
+LOCK_TIMEOUT_S = 600
 
-    Works for the embedded sqlite store (a lock file beside it); a remote tracking server offers no
-    lock, so concurrent registrations against one are serialised only by running them one at a time.
-    """
+
+def registry_lock(uri: str, model_name: str):
+    """A lock around a whole registration or rollback of `model_name`, so two cannot interleave.
+
+    With PIPELINE_REGISTRY_LOCK_URL (a PostgreSQL URL, as `make team-up` prints) it is an advisory lock in
+    that database, held by every process on every machine that registers against the shared server; for the
+    embedded sqlite store a lock file beside it. Against a remote tracking server without a lock URL nothing
+    serialises two registrations: a warning says so."""
     from contextlib import nullcontext
 
     from filelock import FileLock
 
+    url = os.environ.get(LOCK_URL_ENV)
+    if url:
+        return advisory_lock(url, f"registry:{model_name}", LOCK_TIMEOUT_S)
     if uri.startswith("sqlite:///"):
-        return FileLock(str(Path(uri.removeprefix("sqlite:///")).with_suffix(".registry.lock")), timeout=600)
+        return FileLock(str(Path(uri.removeprefix("sqlite:///")).with_suffix(".registry.lock")), timeout=LOCK_TIMEOUT_S)
+    print(f"warning: registry: no {LOCK_URL_ENV} is set, so registrations against {redacted(uri)} are not "
+          "serialised; a team sets it (`make team-up` prints it)", file=sys.stderr)
     return nullcontext()
+
+
+def redacted(url: str) -> str:
+    """A URL without its password (for messages)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+def lock_key(name: str) -> int:
+    """A signed 64-bit advisory-lock key for a name."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def advisory_lock(url: str, name: str, timeout_s: float):
+    """Hold PostgreSQL's session advisory lock for `name` on a connection of its own. The server releases it
+    when the session ends, so a registration that dies mid-way never leaves it held. Passwords come from the
+    URL or libpq's PGPASSFILE."""
+    import psycopg2
+    from psycopg2 import errors
+
+    try:
+        conn = psycopg2.connect(url, connect_timeout=10, application_name=f"pipeline {name}"[:63])
+    except psycopg2.OperationalError as exc:
+        raise DataError(f"{LOCK_URL_ENV}={redacted(url)}: cannot connect to take the registry lock: "
+                        f"{str(exc).strip()}") from None
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SET lock_timeout = %s", (f"{int(timeout_s * 1000)}ms",))
+            try:
+                cur.execute("SELECT pg_advisory_lock(%s)", (lock_key(name),))
+            except errors.LockNotAvailable:
+                raise DataError(f"registry lock {name!r}: still held by another registration after {timeout_s:.0f} s "
+                                "(see pg_locks on the lock database)") from None
+        yield
+    finally:
+        conn.close()
 
 
 def version_task(version) -> TaskParams | None:

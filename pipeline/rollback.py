@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     name = args.model_name or params.registry.model_name
     configure(params)
-    with registry_lock(tracking_uri(params)):  # never between a registration's read and its alias move
+    with registry_lock(tracking_uri(params), name):  # never between a registration's read and its alias move
         old, new = rollback(MlflowClient(), name)
     print(f"rollback: {name}@champion moved from version {old} back to version {new}")
 

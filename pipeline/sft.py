@@ -20,8 +20,8 @@ adapter bytes as an uninterrupted run; a checkpoint of another run is refused (o
 `sft.resume: fresh`, discarded). Held-out loss and answer-token accuracy are measured every
 `sft.eval_steps` (optionally with early stopping and the best checkpoint) on the validation split, never
 on eval: eval reports accuracy and decides promotion, so model selection must not have seen it.
-Under `torchrun --nproc_per_node N` the same params train data-parallel (gloo on CPUs); only rank 0
-writes and logs.
+Under `torchrun --nproc_per_node N` or `accelerate launch --config_file configs/accelerate/ddp.yaml` the
+same params train data-parallel (gloo on CPUs); only rank 0 writes and logs.
 
 The output is an adapter directory (with the tokenizer and template) that plain
 `PeftModel.from_pretrained` loads.

@@ -79,7 +79,15 @@ def configure(params: Params) -> str:
         artifact_root = Path(params.mlflow.artifact_root).resolve()
         artifact_root.mkdir(parents=True, exist_ok=True)
         artifact_location = artifact_root.as_uri()
-    return mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifact_location)
+    try:
+        return mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        # Two runs against one server may both find no experiment and both create it: the second fails on the
+        # unique name. Then it exists: use it (anything else is a real error).
+        experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 @contextmanager

@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # What a fresh clone of the project holds that `dvc repro` needs.
 PROJECT_DIRS = ("pipeline", "flows", "bin")
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
 
 
 def git(cwd: Path, *args: str) -> subprocess.CompletedProcess:

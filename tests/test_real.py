@@ -178,3 +178,21 @@ def test_a_misspelt_profile_key_stops_before_anything_runs(tmp_path):
     (tmp_path / "bad.yaml").write_text("sft:\n  max_stpes: 10\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.yaml: sft.max_stpes: Extra inputs are not permitted"):
         overrides(tmp_path / "bad.yaml", REPO / "params.yaml")
+
+
+@pytest.mark.parametrize(("name", "bos"), [("gemma3-270m", "<bos>"), ("smollm2-135m-instruct", None)])
+def test_raw_text_is_packed_as_pretraining_saw_it(name, bos, tokenizers, tiny_world):
+    """DAPT blocks and perplexity: Gemma's documents start with its BOS (without it a base model's perplexity is
+    inflated and DAPT's first gain is relearning the format); SmolLM2 adds none; each document ends with EOS. The
+    built-in tiny tokenizer gets exactly its plain tokens plus EOS (the default pipeline's numbers stay put)."""
+    from pipeline.dapt import pack_corpus
+    from pipeline.modeling import document_ids, load_tokenizer
+
+    tokenizer = tokenizers[name]
+    line = "대한민국은 민주공화국이다."
+    ids = document_ids(tokenizer, line)
+    plain = tokenizer(line, add_special_tokens=False)["input_ids"]
+    assert ids == ([tokenizer.convert_tokens_to_ids(bos)] if bos else []) + plain + [tokenizer.eos_token_id]
+    assert pack_corpus([line] * 40, tokenizer, 16)[0][:len(ids)] == ids[:16]
+    tiny = load_tokenizer(tiny_world.base)
+    assert document_ids(tiny, line) == tiny(line, add_special_tokens=False)["input_ids"] + [tiny.eos_token_id]

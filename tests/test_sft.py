@@ -1,6 +1,7 @@
 """Stage `sft` in depth on a tiny model: every method yields an adapter plain peft loads, the stage is
 deterministic, a SIGKILLed run resumes to the same adapter bytes, preflight refuses an over-budget config,
-and two gloo processes (torchrun) train data-parallel with the same params."""
+and two gloo processes (`accelerate launch` with configs/accelerate/ddp.yaml) train data-parallel with the
+same params."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def sha256(path: Path) -> str:
 
 
 def run_stage(root: Path, *launcher: str, out: str = "models/adapter", **sft) -> subprocess.Popen:
-    """`python -m pipeline.sft` (or under a launcher such as torchrun) in a copy of the project's params."""
+    """`python -m pipeline.sft` (or under a launcher such as `accelerate launch`) in a copy of the project's params."""
     write_params(root, params_with(root, out_dir=out, checkpoint_dir=f"checkpoints/{Path(out).name}", **sft))
     env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_KEY": "sft-tests",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
@@ -314,8 +315,10 @@ def trained_away_from_init(adapter: Path, base: Path) -> bool:
 
 
 def test_two_gloo_processes_train_data_parallel(project):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    out = finish(run_stage(project, str(torchrun), "--nproc_per_node", "2", "--master_port", "29533",
+    """The shipped DDP launch file as a user runs it: on a machine without CUDA it starts two gloo processes."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    out = finish(run_stage(project, str(accelerate), "launch", "--config_file", str(REPO / "configs/accelerate/ddp.yaml"),
+                           "--num_processes", "2", "--main_process_port", "0",
                            out="models/ddp", save_steps=None, max_steps=6), timeout=400)
     assert (project / "models/ddp/adapter_model.safetensors").is_file()
     assert out.count("preflight: estimated total") == 1  # rank 0 prints and writes; rank 1 only trains
