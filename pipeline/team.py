@@ -131,7 +131,8 @@ class Team:
                 "PGPASSFILE": str(self.pgpass)}
 
     def client_env(self) -> dict[str, str]:
-        return {**os.environ, **self.urls()}
+        """This environment pointed at the team: its URLs win over whatever the caller's environment holds."""
+        return {**self.prefect_env(), **self.urls()}
 
     def save(self) -> None:
         self.state["ports"] = self.ports
@@ -273,7 +274,7 @@ class Team:
     def start_worker(self, name: str, project_dir: Path) -> None:
         """A process worker for the pool; its flow runs work in `project_dir` (its own checkout) one at a time."""
         prefect = str(Path(sys.executable).with_name("prefect"))
-        env = {**self.client_env(), **self.prefect_env(), "PIPELINE_PROJECT_DIR": str(Path(project_dir).resolve()),
+        env = {**self.client_env(), "PIPELINE_PROJECT_DIR": str(Path(project_dir).resolve()),
                "PIPELINE_TRAINING_LIMIT": CONCURRENCY_LIMIT}
         self.spawn(name, [prefect, "worker", "start", "--pool", WORK_POOL, "--name", name, "--limit", "1"], env)
 

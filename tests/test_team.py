@@ -11,6 +11,7 @@ process workers each in its own checkout (pipeline/team.py, prefect.yaml). No em
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -49,6 +50,7 @@ def team():
     checkouts = [make_project_copy(root / name) for name in ("alice", "bob")]
     started = Team(root / "state", {"pg": free_port(), "mlflow": free_port(), "prefect": free_port()})
     start = time.monotonic()
+    saved = os.environ.get("MLFLOW_TRACKING_URI")  # MLflow's clients may set it: later tests must not inherit it
     try:
         started.up(checkouts, checkouts[0])
         print(f"team up in {time.monotonic() - start:.1f} s")
@@ -60,6 +62,10 @@ def team():
         assert not left, f"still running after down: {left}"
         assert not (root / "state/pg/postmaster.pid").exists(), "PostgreSQL still running after down"
         shutil.rmtree(root, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def prefect_settings(team):
@@ -158,10 +164,10 @@ def test_two_triggered_runs_train_one_at_a_time_register_and_report(team):
 
 
 def race_versions(client, name: str, count: int) -> list[str]:
-    import mlflow
-
-    with mlflow.start_run(run_name="race-fixture") as run:
-        mlflow.log_text("x", "model/placeholder.txt")
+    experiment = client.get_experiment_by_name("Default").experiment_id
+    run = client.create_run(experiment, run_name="race-fixture")
+    client.log_text(run.info.run_id, "x", "model/placeholder.txt")
+    client.set_terminated(run.info.run_id)
     return [client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id).version
             for _ in range(count)]
 
@@ -181,12 +187,9 @@ def race(server, checkout: Path, name: str, rounds: int, locked: bool) -> tuple[
     after which a promoted version is missing from the champion chain, and the outputs."""
     from mlflow import MlflowClient
 
-    import mlflow
-
     env = venv_env(**server.urls())
     if not locked:
         env.pop("PIPELINE_REGISTRY_LOCK_URL")
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     client.create_registered_model(name)
     broken, outputs = 0, []
