@@ -19,6 +19,7 @@ import yaml
 from pipeline.config import TaskParams
 from pipeline.data import DataError
 from pipeline.modeling import load_causal_lm, local_base, model_fingerprint, template_fingerprint
+from pipeline.tracking import redact
 
 
 def model_version(client, model_uri: str):
@@ -53,19 +54,9 @@ def registry_lock(uri: str, model_name: str):
         return advisory_lock(url, f"registry:{model_name}", LOCK_TIMEOUT_S)
     if uri.startswith("sqlite:///"):
         return FileLock(str(Path(uri.removeprefix("sqlite:///")).with_suffix(".registry.lock")), timeout=LOCK_TIMEOUT_S)
-    print(f"warning: registry: no {LOCK_URL_ENV} is set, so registrations against {redacted(uri)} are not "
+    print(f"warning: registry: no {LOCK_URL_ENV} is set, so registrations against {redact(uri)} are not "
           "serialised; a team sets it (`make team-up` prints it)", file=sys.stderr)
     return nullcontext()
-
-
-def redacted(url: str) -> str:
-    """A URL without its password (for messages)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 def lock_key(name: str) -> int:
@@ -84,7 +75,7 @@ def advisory_lock(url: str, name: str, timeout_s: float):
     try:
         conn = psycopg2.connect(url, connect_timeout=10, application_name=f"pipeline {name}"[:63])
     except psycopg2.OperationalError as exc:
-        raise DataError(f"{LOCK_URL_ENV}={redacted(url)}: cannot connect to take the registry lock: "
+        raise DataError(f"{LOCK_URL_ENV}={redact(url)}: cannot connect to take the registry lock: "
                         f"{str(exc).strip()}") from None
     try:
         conn.autocommit = True
