@@ -183,6 +183,22 @@ class PromptTuningParams(Strict):
     init_text: str | None = None
 
 
+class AdversarialParams(Strict):
+    """Adversarial training on the input embeddings (pipeline/adversarial.py)."""
+
+    method: Literal["fgm", "pgd"] | None = None
+    epsilon: float = Field(default=0.05, gt=0, le=1)  # per-token L2 radius, a fraction of that token's embedding norm
+    steps: int = Field(default=3, ge=1, le=20)  # PGD ascent steps (each one more forward/backward)
+    alpha: float = Field(default=0.02, gt=0)  # PGD step, same unit as epsilon
+
+    @model_validator(mode="after")
+    def _reaches(self):
+        if self.method == "pgd" and self.alpha * self.steps < self.epsilon:
+            raise ValueError(f"sft.adversarial: PGD's {self.steps} steps of alpha {self.alpha} cannot reach epsilon "
+                             f"{self.epsilon} (alpha * steps < epsilon); raise alpha or steps, or lower epsilon")
+        return self
+
+
 class SftParams(Strict):
     out_dir: str = "models/adapter"
     method: Literal["lora", "dora", "prompt_tuning"] = "lora"
@@ -192,6 +208,7 @@ class SftParams(Strict):
     lora: LoraParams
     prompt_tuning: PromptTuningParams = PromptTuningParams(num_virtual_tokens=20)
     neftune_noise_alpha: float | None = Field(default=None, gt=0)
+    adversarial: AdversarialParams = AdversarialParams()
     packing: bool = False
     packing_strategy: Literal["bfd", "wrapped"] = "bfd"
     eval_steps: int | None = Field(default=None, ge=1)
@@ -220,6 +237,31 @@ class SftParams(Strict):
                                  "(the best checkpoint is restored at the end)")
         if self.method == "prompt_tuning" and self.packing:
             raise ValueError("sft.packing does not work with sft.method prompt_tuning (virtual tokens per sequence)")
+        if self.adversarial.method and self.neftune_noise_alpha is not None:
+            # NEFTune draws new noise in every forward: the attack would be computed at one noisy input and
+            # trained at another, so neither method is what its name says.
+            raise ValueError("sft.adversarial.method and sft.neftune_noise_alpha both perturb the input embeddings "
+                             "(NEFTune redraws its noise in every pass the attack makes); set one of them to null")
+        return self
+
+
+PERTURBATIONS = ("shuffle_choices", "typos", "distractor")  # pipeline/perturb.py
+
+
+class RobustnessParams(Strict):
+    """Accuracy on perturbed copies of an mcq eval set (pipeline/perturb.py); an empty list turns it off."""
+
+    perturbations: list[str] = []
+    typo_rate: float = Field(default=0.05, gt=0, le=0.3)  # share of the editable letters edited (non-adjacent: <= 0.3)
+
+    @model_validator(mode="after")
+    def _known(self):
+        unknown = [p for p in self.perturbations if p not in PERTURBATIONS]
+        if unknown:
+            raise ValueError(f"evaluate.robustness.perturbations: unknown {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(PERTURBATIONS)} (or [] for none)")
+        if len(set(self.perturbations)) < len(self.perturbations):
+            raise ValueError("evaluate.robustness.perturbations: a perturbation is listed twice")
         return self
 
 
@@ -228,15 +270,20 @@ class EvaluateParams(Strict):
     max_new_tokens: int = Field(ge=1)
     max_eval_items: int | None = Field(default=None, ge=1)
     ppl_block_size: int = Field(ge=8)
+    robustness: RobustnessParams = RobustnessParams()
 
 
 # What the evaluate stage measures for each model (`<model>_<metric>`, model: base, dapt, tuned, champion),
 # by eval format, and which way is better (True: higher). pipeline/evaluate.py produces exactly these;
-# MCQ items that carry a category also get `accuracy_<category>` (higher is better).
+# MCQ items that carry a category also get `accuracy_<category>` (higher is better). The robust_* metrics
+# (accuracy on perturbed copies, pooled and per perturbation) exist while evaluate.robustness lists
+# perturbations, for base, tuned and champion (not dapt).
 EVAL_METRICS: dict[str, dict[str, bool]] = {
     # acc_ci95_low/high: the Wilson 95 % interval of accuracy (a gate on the low end asks for a sure gain)
     "mcq": {"accuracy": True, "acc_ci95_low": True, "acc_ci95_high": True, "generation_em": True, "eos_rate": True,
-            "ppl_domain": False, "ppl_general": False},
+            "ppl_domain": False, "ppl_general": False,
+            "robust_accuracy": True, "robust_acc_ci95_low": True, "robust_acc_ci95_high": True,
+            **{f"robust_accuracy_{kind}": True for kind in PERTURBATIONS}},
     "chat": {"answer_loss": False, "answer_ppl": False, "generation_em": True, "rougeL": True, "eos_rate": True,
              "ppl_domain": False, "ppl_general": False},
 }
@@ -266,11 +313,19 @@ class GuardParams(Strict):
     tolerance: float = Field(ge=0)  # largest allowed regression against the champion, relative
 
 
+class CardParams(Strict):
+    """The model card's own words (pipeline/model_card.py); None: a default written for the task."""
+
+    intended_use: str | None = Field(default=None, min_length=1)
+    limitations: str | None = Field(default=None, min_length=1)
+
+
 class RegisterParams(Strict):
     model_name: str = Field(min_length=1)
     gate_metric: str = Field(min_length=1)
     min_improvement: float = Field(ge=0)
     guards: list[GuardParams] = []
+    card: CardParams = CardParams()
 
 
 class MlflowParams(Strict):
@@ -309,6 +364,14 @@ class Params(Strict):
             if guard.higher_is_better is not None and guard.higher_is_better != higher:
                 raise ValueError(f"register.guards[{i}].higher_is_better: {guard.metric} is "
                                  f"{'higher' if higher else 'lower'}-is-better; drop the key or set it to {higher}")
+        metrics = {"register.gate_metric": self.registry.gate_metric,
+                   **{f"register.guards[{i}].metric": g.metric for i, g in enumerate(self.registry.guards)}}
+        kinds = self.evaluate.robustness.perturbations
+        for key, metric in metrics.items():
+            kind = metric.removeprefix("tuned_robust_accuracy_") if metric.startswith("tuned_robust_accuracy_") else None
+            if metric.startswith("tuned_robust_") and (not kinds or (kind is not None and kind not in kinds)):
+                raise ValueError(f"{key}: {metric} is measured only when evaluate.robustness.perturbations lists "
+                                 f"{kind or 'a perturbation'}")
         return self
 
     def gate_higher_is_better(self) -> bool:

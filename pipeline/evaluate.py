@@ -10,6 +10,9 @@ generation within a token budget gives the share of answers that stop at a stop 
 never stops is a common failure). Perplexity on held-out domain text shows the DAPT effect; on
 general text it shows forgetting. All models are loaded with the
 same quantization the adapter was trained under, so the comparison is like for like.
+Robustness (mcq only, `evaluate.robustness`): the same accuracy on seeded perturbed copies of the items
+(options shuffled, typos, a distractor sentence: pipeline/perturb.py) for base, tuned and champion, and
+`robustness_drop`, the tuned model's accuracy lost to them.
 """
 
 from __future__ import annotations
@@ -263,6 +266,34 @@ def mcq_metrics(name: str, model, tokenizer, examples, stop_ids, params) -> tupl
     return metrics, per_item
 
 
+def robustness_metrics(name: str, model, tokenizer, examples: list[Example], params: Params) -> dict:
+    """Log-likelihood accuracy of `name` on the perturbed copies of mcq `examples` (`evaluate.robustness`):
+    pooled with its Wilson interval and per perturbation, plus each copy's item count; {} when off.
+
+    The copies depend only on the items, `seed`, the task template and the robustness params, so every
+    model (and a benchmark script passing any name) is scored on the very same perturbed items."""
+    from pipeline.perturb import perturbed_examples
+
+    robustness = params.evaluate.robustness
+    copies = {kind: perturbed_examples(examples, kind, params.seed, params.task, robustness.typo_rate)
+              for kind in robustness.perturbations}
+    items = [e for kind in copies for e in copies[kind]]
+    if not items:
+        return {}
+    predictions = choose(option_logprobs(model, tokenizer, items, params.evaluate.batch_size))  # one batched pass
+    correct = [p == e.answer for p, e in zip(predictions, items, strict=True)]
+    low, high = accuracy_ci95(sum(correct), len(correct))
+    metrics = {f"{name}_robust_accuracy": mean(correct), f"{name}_robust_acc_ci95_low": low,
+               f"{name}_robust_acc_ci95_high": high}
+    start = 0
+    for kind, copy in copies.items():
+        if copy:
+            metrics[f"{name}_robust_accuracy_{kind}"] = mean(correct[start:start + len(copy)])
+        metrics[f"robust_n_items_{kind}"] = len(copy)
+        start += len(copy)
+    return metrics
+
+
 def chat_metrics(name: str, model, tokenizer, examples, stop_ids, params) -> tuple[dict, dict]:
     """Loss/perplexity on the held-out assistant tokens; exact match and ROUGE-L of greedy answers; EOS rate."""
     from rouge_score import rouge_scorer
@@ -308,6 +339,7 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
     require_fingerprint(processed, tokenizer, f"evaluate ({params.sft.out_dir})")
     stop_ids = stop_token_ids(params.base.out_dir, tokenizer)
     task_metrics = mcq_metrics if params.data.eval.format == "mcq" else chat_metrics
+    robust = params.data.eval.format == "mcq"  # only mcq items have options and passages to perturb
 
     metrics: dict = {"n_items": len(examples)}
     per_item: dict[str, list] = {}
@@ -320,6 +352,8 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
         found, items = task_metrics(name, model, tokenizer, examples, stop_ids, params)
         metrics |= found
         per_item |= items
+        if robust and name != "dapt":  # the gate compares tuned with base and champion; dapt is compared by none
+            metrics |= robustness_metrics(name, model, tokenizer, examples, params)
         metrics[f"{name}_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
         metrics[f"{name}_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
         del model
@@ -331,6 +365,8 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
         metrics["dapt_ppl_domain"], metrics["dapt_ppl_general"] = metrics["base_ppl_domain"], metrics["base_ppl_general"]
     gate = "accuracy" if params.data.eval.format == "mcq" else "rougeL"
     metrics[f"{gate}_gain"] = metrics[f"tuned_{gate}"] - metrics[f"base_{gate}"]
+    if "tuned_robust_accuracy" in metrics:
+        metrics["robustness_drop"] = metrics["tuned_accuracy"] - metrics["tuned_robust_accuracy"]
     metrics["dapt_domain_ppl_reduction"] = 1 - metrics["dapt_ppl_domain"] / metrics["base_ppl_domain"]
     metrics["dapt_general_ppl_change"] = metrics["dapt_ppl_general"] / metrics["base_ppl_general"] - 1
     # Forgetting of what is shipped (DAPT + adapter), relative to the base.
@@ -366,6 +402,9 @@ def evaluate_champion(params: Params, examples, domain, general, stop_ids, task_
         print(f"evaluate: champion not evaluated ({reason})")
         return None, None, {"scored": False, "reason": reason}
     found, items = task_metrics("champion", model, tokenizer, examples, stop_ids, params)
+    if params.data.eval.format == "mcq":
+        found |= {k: v for k, v in robustness_metrics("champion", model, tokenizer, examples, params).items()
+                  if k.startswith("champion_")}  # the item counts are this run's, already reported
     found["champion_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
     found["champion_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
     record = {"scored": True, "model_name": version.name, "version": str(version.version),

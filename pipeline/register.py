@@ -8,7 +8,8 @@ again (a retry, a rerun) adopts the existing version instead of adding a duplica
 moves to the new version only when it beats both the base and the current champion on the gate metric
 by `min_improvement`, in the metric's direction (accuracy up, loss/perplexity down); otherwise the
 version gets alias `challenger`. Tag `promotion` says why, and which champion numbers were compared.
-The whole registration holds the registry lock.
+Then the version gets its model card (pipeline/model_card.py): README.md in its files, its description,
+the run's `model_card.md` and reports/model_card.md. The whole registration holds the registry lock.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import yaml
 from pipeline.config import Params, load_params, params_hash, run_cli
 from pipeline.evaluate import CHAMPION_FILE
 from pipeline.machine import machine_tags
+from pipeline.model_card import attach_model_card, model_card
 from pipeline.packaged import packaged_record
 from pipeline.registry import registry_lock
 from pipeline.modeling import (
@@ -91,6 +93,11 @@ def promotion_decision(params: Params, metrics: dict, champion: dict[str, float]
     return True, f"{gate}={new:.4f} beats base {base:.4f} and the champion {champion[gate]:.4f} ({direction} is better){note}"
 
 
+def registered_metrics(tags: dict[str, str]) -> dict[str, float]:
+    """The eval metrics a version was registered with (its `metric.*` tags)."""
+    return {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
+
+
 def champion_metrics_for(champion, scored: dict) -> tuple[dict[str, float], str]:
     """The champion's numbers to compare with, and where they come from.
 
@@ -98,7 +105,7 @@ def champion_metrics_for(champion, scored: dict) -> tuple[dict[str, float], str]
     Those numbers count only when they are of this very version (same number and adapter sha256): they
     were measured on the same held-out items by the same code. Otherwise the metrics registered with
     the champion are used, and the source says why."""
-    registered = {k.removeprefix("metric."): float(v) for k, v in champion.tags.items() if k.startswith("metric.")}
+    registered = registered_metrics(champion.tags)
     if not scored.get("scored"):
         return registered, (f"registered tags of version {champion.version} (evaluate did not score a champion: "
                             f"{scored.get('reason', 'no record')})")
@@ -230,12 +237,13 @@ def decide(params: Params, client, name: str, version, metrics: dict, scored: di
     return promoted, alias, f"{reason}; champion numbers: {source}"
 
 
-def register_adapter(params: Params, metrics: dict, scored: dict) -> dict:
-    """Log the adapter, register a version with its lineage, apply the promotion gate.
+def register_adapter(params: Params, metrics: dict, scored: dict) -> tuple[dict, str]:
+    """Log the adapter, register a version with its lineage, apply the promotion gate, attach the model card.
 
     Idempotent: the version is created with all its tags at once (never an untagged version), and a
     rerun or retry with the same adapter (same sha256) adopts the version already made instead of
-    adding a duplicate; a version whose gate already ran keeps its decision."""
+    adding a duplicate; a version whose gate already ran keeps its decision, one with a card keeps it.
+    Returns the registration record (reports/registry.json) and the version's card (markdown)."""
     from peft import PeftModel
 
     import mlflow
@@ -269,19 +277,28 @@ def register_adapter(params: Params, metrics: dict, scored: dict) -> dict:
             version = mlflow.register_model(info.model_uri, name, tags=tags)  # version and tags in one call
         promoted, alias, reason = decide(params, client, name, client.get_model_version(name, version.version),
                                          metrics, scored)
-        return {"model_name": name, "version": str(version.version), "alias": alias, "promoted": promoted,
-                "reason": reason, "run_id": run.info.run_id, "model_uri": f"models:/{name}/{version.version}",
-                "adapter_sha256": adapter_sha256}
+        result = {"model_name": name, "version": str(version.version), "alias": alias, "promoted": promoted,
+                  "reason": reason, "run_id": run.info.run_id, "model_uri": f"models:/{name}/{version.version}",
+                  "adapter_sha256": adapter_sha256}
+        # The card describes the version as registered (its tags and metrics), also when it is adopted.
+        version = client.get_model_version(name, version.version)
+        card, attached = attach_model_card(client, version, model_card(
+            params, registered_metrics(version.tags) or metrics, version.tags, result))
+        print(f"register: {'model card attached to' if attached else 'keeping the model card of'} version "
+              f"{version.version}")
+        mlflow.log_text(card, "model_card.md")
+        return result, card
 
 
 def main() -> None:
     params = load_params()
     metrics = json.loads(Path("metrics/eval.json").read_text(encoding="utf-8"))
     scored = json.loads(Path(CHAMPION_FILE).read_text(encoding="utf-8")) if Path(CHAMPION_FILE).is_file() else {}
-    result = register_adapter(params, metrics, scored)
+    result, card = register_adapter(params, metrics, scored)
     out = Path("reports/registry.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    Path("reports/model_card.md").write_text(card, encoding="utf-8")
     print(f"register: {result['model_uri']} -> @{result['alias']} ({result['reason']})")
 
 

@@ -160,6 +160,13 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     model = load_causal_lm(model_dir, sft.quantization, sft.double_quant, sft.compute_dtype)
     if sft.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=sft.gradient_checkpointing)
+    # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for a faster kernel at its first
+    # no-grad forward (the held-out evals) and trains on that kernel from then on: a run resumed after a
+    # checkpoint would train with the other kernel until its next eval and end with other bytes (measured: the
+    # resume test failed on such a CPU). One kernel for the whole run keeps resume exact on every CPU.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     # trainer
     work = Path(checkpoint_dir) if checkpoint_dir else Path(out_dir).parent / f".{Path(out_dir).name}-work"
     resume = resume_point(work, identity or {}, sft.resume) if sft.save_steps else None
@@ -199,10 +206,15 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     )
     callbacks = list(callbacks or []) + ([EarlyStoppingCallback(sft.early_stopping_patience)]
                                          if sft.early_stopping_patience else [])
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=peft_config(sft, model_dir), callbacks=callbacks,
-                         compute_metrics=answer_accuracy if eval_dataset is not None else None,
-                         preprocess_logits_for_metrics=argmax_logits if eval_dataset is not None else None)
+    trainer_class, extra = SFTTrainer, {}
+    if sft.adversarial.method:  # FGM / PGD on the input embeddings (pipeline/adversarial.py)
+        from pipeline.adversarial import AdversarialSFTTrainer
+
+        trainer_class, extra = AdversarialSFTTrainer, {"adversarial": sft.adversarial}
+    trainer = trainer_class(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+                            processing_class=tokenizer, peft_config=peft_config(sft, model_dir), callbacks=callbacks,
+                            compute_metrics=answer_accuracy if eval_dataset is not None else None,
+                            preprocess_logits_for_metrics=argmax_logits if eval_dataset is not None else None, **extra)
     # TRL casts a quantized model's adapter to bf16 (QLoRA paper, a GPU memory saving), but a resumed run
     # reloads the checkpointed adapter in fp32 (peft's autocast_adapter_dtype), so an interrupted run
     # would end with other bytes (measured: max |diff| ~1e-3 after 8 steps). The adapter's master weights
@@ -214,6 +226,10 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     if is_main_process():
         print(f"sft: {sft.method}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
               + (f"; resuming from {resume}" if resume else ""))
+        if sft.adversarial.method:
+            passes = 2 if sft.adversarial.method == "fgm" else sft.adversarial.steps + 1
+            print(f"sft: adversarial {sft.adversarial.method} on the input embeddings (epsilon {sft.adversarial.epsilon}): "
+                  f"{passes} forward/backward passes per micro-batch, about {passes}x the time of a plain step")
         print(f"sft: world size {trainer.args.world_size} ({trainer.args.parallel_mode.value}), "
               f"{trainer.args.train_batch_size * trainer.args.world_size * sft.gradient_accumulation_steps} "
               "examples per optimizer step")
@@ -226,7 +242,9 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     return {"train": loss_history(trainer),
             "eval": [{"step": e["step"], "loss": e["eval_loss"]} for e in history if "eval_loss" in e],
             "eval_accuracy": [{"step": e["step"], "loss": e["eval_answer_token_accuracy"]}
-                              for e in history if "eval_answer_token_accuracy" in e]}
+                              for e in history if "eval_answer_token_accuracy" in e],
+            "adversarial": [{"step": e["step"], "loss": e["adversarial_loss_increase"]}
+                            for e in history if "adversarial_loss_increase" in e]}
 
 
 def validation_examples(processed: Path, limit: int) -> list[Example]:
@@ -262,7 +280,8 @@ def main() -> None:
     run = stage_run(params, "sft") if is_main_process() else contextlib.nullcontext()
     with run:
         if is_main_process():
-            mlflow.log_params({f"sft.{k}": str(v) for k, v in sft.model_dump().items() if k not in ("lora", "prompt_tuning")})
+            mlflow.log_params({f"sft.{k}": str(v) for k, v in sft.model_dump().items() if k not in ("lora", "prompt_tuning", "adversarial")})
+            mlflow.log_params({f"sft.adversarial.{k}": str(v) for k, v in sft.adversarial.model_dump().items()})
             mlflow.log_params({f"sft.lora.{k}": str(v) for k, v in sft.lora.model_dump().items()})
             mlflow.log_params({f"preflight.{k}": v for k, v in report.as_dict().items()})
         logs = train_adapter(model_dir, examples, tokenizer, params, out_dir, eval_examples,
@@ -272,6 +291,8 @@ def main() -> None:
             log_loss_curve(logs["eval"], "eval_loss", Path("plots/sft_eval_loss.csv"), "SFT held-out loss (answer tokens)")
             for entry in logs["eval_accuracy"]:
                 mlflow.log_metric("eval_answer_token_accuracy", entry["loss"], step=entry["step"])
+            for entry in logs["adversarial"]:  # adversarial / clean loss of a batch: above 1, the attack bites
+                mlflow.log_metric("adversarial_loss_increase", entry["loss"], step=entry["step"])
     if is_main_process():
         final = logs["train"][-1]["loss"] if logs["train"] else float("nan")
         print(f"sft: adapter written to {out_dir}; final loss {final:.3f}"

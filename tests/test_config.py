@@ -31,6 +31,12 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["sft"].update(lora_rank=8), "sft.lora_rank"),
         (lambda r: r["sft"].update(quantization="nf3"), "sft.quantization"),
         (lambda r: r["sft"]["lora"].update(r=0), "sft.lora.r"),
+        (lambda r: r["sft"]["adversarial"].update(method="fgsm"), "sft.adversarial.method"),
+        (lambda r: r["sft"].update(neftune_noise_alpha=5) or r["sft"]["adversarial"].update(method="fgm"),
+         "set one of them to null"),
+        (lambda r: r["sft"]["adversarial"].update(method="pgd", epsilon=0.1, steps=2, alpha=0.01),
+         "cannot reach epsilon"),
+        (lambda r: r["sft"]["adversarial"].update(epsilon=0), "sft.adversarial.epsilon"),
         (lambda r: r["dapt"].update(enabled="sometimes"), "dapt.enabled"),
         (lambda r: r["task"].update(user_template="no fields"), "task"),
         (lambda r: r.pop("register"), "register"),
@@ -47,6 +53,16 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["validate"]["severity"].update(heldout_overlap="sometimes"), "validate.severity.heldout_overlap"),
         (lambda r: r["data"]["eval"].update(format="messages"),
          "register.gate_metric: 'tuned_accuracy' is not a metric the evaluate stage reports for data.eval.format messages"),
+        (lambda r: r["evaluate"]["robustness"].update(perturbations=["typos", "paraphrase"]),
+         "evaluate.robustness.perturbations: unknown 'paraphrase'; choose from shuffle_choices, typos, distractor"),
+        (lambda r: r["evaluate"]["robustness"].update(typo_rate=0.5), "evaluate.robustness.typo_rate"),
+        (lambda r: (r["evaluate"]["robustness"].update(perturbations=[]),
+                    r["register"].update(gate_metric="tuned_robust_accuracy")),
+         "register.gate_metric: tuned_robust_accuracy is measured only when evaluate.robustness.perturbations lists"),
+        (lambda r: (r["evaluate"]["robustness"].update(perturbations=["typos"]),
+                    r["register"]["guards"].append({"metric": "tuned_robust_accuracy_distractor", "tolerance": 0.1})),
+         "register.guards[2].metric: tuned_robust_accuracy_distractor is measured only when "
+         "evaluate.robustness.perturbations lists distractor"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, capsys, mutate, key):
@@ -55,6 +71,16 @@ def test_bad_params_name_the_key(tmp_path, capsys, mutate, key):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert key in err, err
+
+
+def test_robust_accuracy_may_gate_and_guard_higher_is_better(tmp_path):
+    def mutate(raw):
+        raw["register"]["gate_metric"] = "tuned_robust_accuracy"
+        raw["register"]["guards"].append({"metric": "tuned_robust_accuracy_typos", "tolerance": 0.1})
+
+    params = load_params(_write(tmp_path, mutate))
+    assert params.gate_higher_is_better() and params.guard_higher_is_better(params.registry.guards[-1])
+    assert params.evaluate.robustness.perturbations == ["shuffle_choices", "typos", "distractor"]
 
 
 def test_missing_params_file(tmp_path, capsys):

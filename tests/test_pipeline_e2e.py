@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def test_tuned_model_beats_base_and_dapt_lowers_domain_perplexity(pipeline_run):
 
     reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith("tuned_accuracy_")}
     assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS["mcq"]}, reported
+    # Robustness: accuracy on the perturbed copies (all 150 items of each kind changed), inside its own interval.
+    assert 0.0 <= metrics["tuned_robust_acc_ci95_low"] <= metrics["tuned_robust_accuracy"] \
+        <= metrics["tuned_robust_acc_ci95_high"] <= 1.0, metrics
+    assert metrics["robustness_drop"] == pytest.approx(metrics["tuned_accuracy"] - metrics["tuned_robust_accuracy"])
+    assert {metrics[f"robust_n_items_{k}"] for k in ("shuffle_choices", "typos", "distractor")} == {metrics["n_items"]}
     # Generation: the tuned model answers and stops; the random base does neither.
     assert metrics["tuned_eos_rate"] > metrics["base_eos_rate"]
     assert metrics["tuned_generation_em"] > metrics["base_generation_em"]
@@ -131,6 +137,44 @@ def test_registered_adapter_stores_no_base_weights(pipeline_run, client):
     assert not any(f.endswith("model.safetensors") and not f.endswith("adapter_model.safetensors") for f in files), files
 
 
+def test_registered_version_carries_its_model_card(pipeline_run, client, tmp_path):
+    """README.md beside the adapter (and in place of peft's template card), the description, the register run's
+    artifact and reports/model_card.md are one card; its plain-peft snippet loads the version as written."""
+    import mlflow
+
+    from pipeline.model_card import CARD_TAG, DESCRIPTION_LIMIT
+
+    project = pipeline_run["project"]
+    card = (project / "reports/model_card.md").read_text(encoding="utf-8")
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/{version.version}", dst_path=str(tmp_path / "v")))
+    assert (local / "README.md").read_text(encoding="utf-8") == card
+    assert (local / "peft/README.md").read_text(encoding="utf-8") == card
+    assert len(card) <= DESCRIPTION_LIMIT and version.description == card
+    assert version.tags[CARD_TAG] == hashlib.sha256(card.encode()).hexdigest()
+    assert "model_card.md" in {a.path for a in client.list_artifacts(version.run_id)}
+    logged = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model_card.md",
+                                                 dst_path=str(tmp_path / "run"))
+    assert Path(logged).read_text(encoding="utf-8") == card
+    # What it says is this version's: data md5s, base, the gate's reason, the tuned accuracy and its interval.
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    for split in ("train", "validation", "eval"):
+        assert hashlib.md5((project / f"data/processed/{split}.jsonl").read_bytes()).hexdigest() in card
+    assert f"# {MODEL_NAME}, version {version.version}" in card and "- Base: `builtin-tiny`" in card
+    assert f"- Decision: {version.tags['promotion']}" in card
+    assert (f"{metrics['tuned_accuracy']:.3f} [{metrics['tuned_acc_ci95_low']:.3f}, "
+            f"{metrics['tuned_acc_ci95_high']:.3f}]") in card
+    # The sft stage's own output is untouched: models/adapter keeps peft's README.md.
+    assert (project / "models/adapter/README.md").read_text(encoding="utf-8") != card
+    # The card's plain-peft snippet, run as written against this registry.
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    check = "\nprint(isinstance(model, PeftModel), any('lora' in n for n, _ in model.named_parameters()))\n"
+    proc = subprocess.run([sys.executable, "-c", snippet + check], cwd=tmp_path, capture_output=True, text=True,
+                          env=venv_env(MLFLOW_TRACKING_URI=pipeline_run["uri"], HF_HUB_OFFLINE="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True True", proc.stdout
+
+
 def test_make_ui_serves_the_run_and_the_champion(pipeline_run):
     """`make ui` over this run's store (a real MLflow server on 127.0.0.1, stopped here)."""
     root = Path(pipeline_run["uri"].removeprefix("sqlite:///")).parent
@@ -198,6 +242,7 @@ def test_register_again_adopts_the_version_and_a_retry_finishes_an_interrupted_o
     assert metrics["champion_version"] == 1
     assert metrics["champion_accuracy"] == metrics["tuned_accuracy"]
     assert metrics["champion_eos_rate"] == metrics["tuned_eos_rate"]
+    assert metrics["champion_robust_accuracy"] == metrics["tuned_robust_accuracy"]  # the same perturbed items
     assert "champion,{:.4f}".format(metrics["champion_accuracy"]) in (project / "plots/accuracy.csv").read_text()
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     scored = json.loads((project / "reports/champion.json").read_text())
@@ -208,19 +253,40 @@ def test_register_again_adopts_the_version_and_a_retry_finishes_an_interrupted_o
     def versions() -> list[str]:
         return sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'"))
 
-    # A rerun (or a Prefect retry) of register with the same adapter adopts version 1: no duplicate.
+    import mlflow
+
+    from pipeline.model_card import CARD_TAG
+
+    def readme() -> str:
+        return Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/1/README.md")).read_text(encoding="utf-8")
+
+    card = readme()
+    # A rerun (or a Prefect retry) of register with the same adapter adopts version 1: no duplicate, and the
+    # version keeps its card (a rebuilt one would now show the champion column: evaluate scored a champion).
     proc = run_module(project, pipeline_run["uri"], "pipeline.register")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already version 1; adopting it" in proc.stdout, proc.stdout
+    assert "keeping the model card of version 1" in proc.stdout, proc.stdout
     assert versions() == ["1"]
-    # A registration interrupted after the version was made, before the gate ran: the retry finishes it.
+    assert readme() == card == client.get_model_version(MODEL_NAME, "1").description
+    assert (project / "reports/model_card.md").read_text(encoding="utf-8") == card and "`champion`: version" not in card
+    # A registration interrupted after the version was made, before the gate ran (so before its card: no tag,
+    # no description, no README.md beside the adapter): the retry finishes it.
     client.delete_model_version_tag(MODEL_NAME, "1", "promotion")
+    client.delete_model_version_tag(MODEL_NAME, "1", CARD_TAG)
+    client.update_model_version(MODEL_NAME, "1", description="")
+    logged = client.get_logged_model(client.get_model_version(MODEL_NAME, "1").source.removeprefix("models:/"))
+    (Path(urllib.parse.urlparse(logged.artifact_location).path) / "README.md").unlink()
     proc = run_module(project, pipeline_run["uri"], "pipeline.register")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model card attached to version 1" in proc.stdout, proc.stdout
     assert versions() == ["1"]
     version = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(version.version) == "1" and "already the champion" in version.tags["promotion"]
     assert json.loads((project / "reports/registry.json").read_text())["alias"] == "champion"
+    card = (project / "reports/model_card.md").read_text(encoding="utf-8")
+    assert readme() == card == version.description and f"- Decision: {version.tags['promotion']}" in card
+    assert version.tags[CARD_TAG] == hashlib.sha256(card.encode()).hexdigest()
 
 
 def test_the_registered_base_outlives_a_later_dapt_run_and_prompts_follow_the_version(pipeline_run, client, tmp_path):

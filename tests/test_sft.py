@@ -67,12 +67,13 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_stage(root: Path, *launcher: str, out: str = "models/adapter", **sft) -> subprocess.Popen:
-    """`python -m pipeline.sft` (or under a launcher such as `accelerate launch`) in a copy of the project's params."""
+def run_stage(root: Path, *launcher: str, out: str = "models/adapter", stage: str = "sft", **sft) -> subprocess.Popen:
+    """`python -m pipeline.<stage>` (or under a launcher such as `accelerate launch`) in a copy of the project's params."""
     write_params(root, params_with(root, out_dir=out, checkpoint_dir=f"checkpoints/{Path(out).name}", **sft))
     env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_KEY": "sft-tests",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
-    cmd = [*launcher, "-m", "pipeline.sft"] if launcher else [sys.executable, "-m", "pipeline.sft"]
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own store (params), never one another test left behind
+    cmd = [*launcher, "-m", f"pipeline.{stage}"] if launcher else [sys.executable, "-m", f"pipeline.{stage}"]
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -83,28 +84,57 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def test_stage_is_deterministic_and_a_killed_run_resumes_to_the_same_adapter(project):
-    first = finish(run_stage(project, out="models/a"))
+# The four ways to train: plain, NEFTune (random noise), FGM and PGD (gradient-directed, pipeline/adversarial.py).
+TRAINING_METHODS = {
+    "plain": {},
+    "neftune": {"neftune_noise_alpha": 5.0},
+    "fgm": {"adversarial": {"method": "fgm", "epsilon": 0.1}},
+    "pgd": {"adversarial": {"method": "pgd", "epsilon": 0.1, "steps": 2, "alpha": 0.06}},
+}
+
+
+@pytest.mark.parametrize("name", TRAINING_METHODS)
+def test_stage_is_deterministic_and_a_killed_run_resumes_to_the_same_adapter(project, name):
+    method = TRAINING_METHODS[name]
+    first = finish(run_stage(project, out=f"models/{name}-a", **method))
     assert "preflight: estimated total" in first and "held-out loss" in first
-    reference = sha256(project / "models/a/adapter_model.safetensors")
-    assert not (project / "checkpoints/a").exists()  # a finished run leaves no checkpoints
+    reference = sha256(project / f"models/{name}-a/adapter_model.safetensors")
+    assert not (project / f"checkpoints/{name}-a").exists()  # a finished run leaves no checkpoints
+    if "adversarial" in method:
+        passes = {"fgm": 2, "pgd": 3}[name]
+        assert f"{passes} forward/backward passes per micro-batch" in first, first[-2000:]
 
     # The same stage again, SIGKILLed after its second checkpoint and rerun: it resumes, and both runs end
     # with the same adapter bytes (determinism and exact resume in one).
-    proc = run_stage(project, out="models/c")
+    proc = run_stage(project, out=f"models/{name}-c", **method)
     deadline = time.monotonic() + 240
-    while not (project / "checkpoints/c/checkpoint-16/trainer_state.json").is_file():  # written last
+    while not (project / f"checkpoints/{name}-c/checkpoint-16/trainer_state.json").is_file():  # written last
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (project / "models/c").exists()  # nothing half-written
-    resumed = finish(run_stage(project, out="models/c"))
-    assert "resuming from checkpoints/c/checkpoint-16" in resumed
-    assert sha256(project / "models/c/adapter_model.safetensors") == reference
+    assert not (project / f"models/{name}-c").exists()  # nothing half-written
+    resumed = finish(run_stage(project, out=f"models/{name}-c", **method))
+    assert f"resuming from checkpoints/{name}-c/checkpoint-16" in resumed
+    assert sha256(project / f"models/{name}-c/adapter_model.safetensors") == reference
     # The whole directory is the same bytes too (DVC hashes it), across processes with other hash seeds.
-    assert {p.name: sha256(p) for p in (project / "models/c").iterdir()} == \
-        {p.name: sha256(p) for p in (project / "models/a").iterdir()}
+    assert {p.name: sha256(p) for p in (project / f"models/{name}-c").iterdir()} == \
+        {p.name: sha256(p) for p in (project / f"models/{name}-a").iterdir()}
+    if name != "plain" and (project / "models/plain-a").is_dir():  # another objective: other adapter bytes than a plain run from the same seed
+        assert reference != sha256(project / "models/plain-a/adapter_model.safetensors")
+
+    # ... and the adapter goes through evaluate and register (the gate) like a plain one.
+    for stage in ("evaluate", "register"):
+        finish(run_stage(project, f"{sys.executable}", stage=stage, out=f"models/{name}-c", **method))
+    registry = json.loads((project / "reports/registry.json").read_text(encoding="utf-8"))
+    assert registry["adapter_sha256"] == reference and registry["alias"] in ("champion", "challenger")
+    from mlflow import MlflowClient
+
+    version = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version(registry["model_name"],
+                                                                                    registry["version"])
+    trained = json.loads(version.tags["params_json"])["sft"]
+    assert trained["adversarial"]["method"] == method.get("adversarial", {}).get("method")
+    assert trained["neftune_noise_alpha"] == method.get("neftune_noise_alpha")
 
 
 class Interrupt(Exception):
@@ -210,6 +240,11 @@ def test_preflight_counts_match_the_real_model(project):
     {"method": "prompt_tuning"},
     {"packing": True},
     {"neftune_noise_alpha": 5.0, "quantization": "int8"},
+    # adversarial training composes with DoRA, bfd packing and gradient accumulation, and with prompt tuning
+    {"adversarial": {"method": "fgm", "epsilon": 0.1}, "method": "dora", "packing": True, "gradient_accumulation_steps": 2},
+    {"adversarial": {"method": "pgd", "epsilon": 0.1, "steps": 2, "alpha": 0.06}, "method": "prompt_tuning"},
+    pytest.param({"adversarial": {"method": "pgd", "epsilon": 0.1, "steps": 3, "alpha": 0.04}, "quantization": "int8",
+                  "gradient_checkpointing": True}, marks=pytest.mark.extended),
     pytest.param({"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
                            "use_rslora": True}}, marks=pytest.mark.extended),
     pytest.param({"packing": True, "packing_strategy": "wrapped"}, marks=pytest.mark.extended),
@@ -239,6 +274,14 @@ def test_every_method_trains_an_adapter_plain_peft_loads(project, tmp_path, vari
     expected = quantized.get(variant.get("quantization", "nf4"))  # nf4 QLoRA by default
     assert ({expected} if expected else set()) == recorder.linear_types & set(quantized.values()), recorder.linear_types
     if variant.get("neftune_noise_alpha"):  # same seed and data, noise on the embeddings: another loss curve
+        assert [e["loss"] for e in logs["train"]] != [e["loss"] for e in plain["logs"]["train"]]
+    adversarial = variant.get("adversarial", {}).get("method")
+    passes = {None: 1, "fgm": 2, "pgd": variant.get("adversarial", {}).get("steps", 0) + 1}[adversarial]
+    # every micro-batch ran `passes` training forwards (8 optimizer steps × accumulation)
+    assert len(recorder.shapes) == 8 * variant.get("gradient_accumulation_steps", 1) * passes, len(recorder.shapes)
+    if adversarial:  # the moved embeddings raised the loss: the attack found worse inputs, not random ones
+        increases = [e["loss"] for e in logs["adversarial"]]
+        assert increases and sum(increases) / len(increases) > 1.0, increases
         assert [e["loss"] for e in logs["train"]] != [e["loss"] for e in plain["logs"]["train"]]
     assert trained_away_from_init(tmp_path / "adapter", project / "models/base"), "the adapter is still its init"
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text(encoding="utf-8"))
