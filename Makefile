@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-real install-team run real test test-extended ui serve prefect-server team-up team-down team-status clean
+.PHONY: install install-real install-team run real sweep test test-extended ui serve prefect-server team-up team-down team-status clean
 
 install: $(STAMP)
 
@@ -58,6 +58,13 @@ team-status:
 # as a DVC experiment; the import stages of data/real/dvc.yaml run first.
 real: install-real
 	PIPELINE_RUN_KEY=real-$$(date +%Y%m%d-%H%M%S) $(BIN)/python -m flows.lock $(BIN)/python -m pipeline.profile params-real.yaml
+
+# A params grid as queued DVC experiments (pipeline/sweep.py): each one trains and evaluates in DVC's queue
+# workers, is its own MLflow run under the sweep's run, and the best is applied and registered through the gate.
+SWEEP ?= -S 'sft.adversarial.method=fgm,pgd' -S 'sft.learning_rate=0.001,0.002'
+SWEEP_JOBS ?= 1
+sweep: install
+	$(BIN)/python -m pipeline.sweep $(SWEEP) --jobs $(SWEEP_JOBS)
 
 # The whole pipeline. PIPELINE_RUN_KEY groups the stages' MLflow runs under one parent run; the pipeline
 # lock (flows/lock.py) keeps a scheduled Prefect run from interleaving with it.

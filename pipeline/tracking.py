@@ -59,8 +59,14 @@ def git_commit() -> tuple[str, bool]:
         return "unknown", False
 
 
+SWEEP_RUN_ENV = "PIPELINE_SWEEP_RUN_ID"  # set by pipeline/sweep.py: the MLflow run of the sweep
+
+
 def run_key(params: Params) -> str:
-    return os.environ.get("PIPELINE_RUN_KEY") or f"{git_commit()[0][:12]}-{params_hash(params)}"
+    key = os.environ.get("PIPELINE_RUN_KEY") or f"{git_commit()[0][:12]}-{params_hash(params)}"
+    if os.environ.get(SWEEP_RUN_ENV) and os.environ.get("DVC_EXP_NAME"):
+        key = f"{key}-{os.environ['DVC_EXP_NAME']}"  # one run per experiment of a sweep
+    return key
 
 
 def configure(params: Params) -> str:
@@ -102,10 +108,14 @@ def stage_run(params: Params, stage: str):
     sha, dirty = git_commit()
     lineage = {"git_commit": sha, "git_dirty": str(dirty), "params_hash": params_hash(params)}
     parent_id = found[0].info.run_id if found else None
-    # Only the parent carries the key tag, so the search above can never return a stage's run.
+    sweep = os.environ.get(SWEEP_RUN_ENV)
+    name = os.environ.get("DVC_EXP_NAME") if sweep else None
+    # Only the parent carries the key tag, so the search above can never return a stage's run. In a sweep the
+    # parent is the experiment's run, a child of the sweep's run.
     with mlflow.start_run(run_id=parent_id, experiment_id=experiment_id,
-                          run_name=None if parent_id else f"pipeline-{key}",
-                          tags=None if parent_id else {**lineage, RUN_KEY_TAG: key}):
+                          run_name=None if parent_id else (name or f"pipeline-{key}"),
+                          tags=None if parent_id else {**lineage, RUN_KEY_TAG: key,
+                                                       **({"mlflow.parentRunId": sweep, "dvc_exp": name} if sweep else {})}):
         with mlflow.start_run(run_name=stage, nested=True, experiment_id=experiment_id,
                               tags={**lineage, "stage": stage}) as run:
             yield run

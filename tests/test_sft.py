@@ -93,7 +93,8 @@ TRAINING_METHODS = {
 }
 
 
-@pytest.mark.parametrize("name", TRAINING_METHODS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.extended) if n == "neftune" else n
+                                  for n in TRAINING_METHODS])  # NEFTune's own variant test stays in the default tier
 def test_stage_is_deterministic_and_a_killed_run_resumes_to_the_same_adapter(project, name):
     method = TRAINING_METHODS[name]
     first = finish(run_stage(project, out=f"models/{name}-a", **method))
