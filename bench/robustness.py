@@ -108,8 +108,9 @@ def copy_project(dest: Path) -> dict:
     git(dest, "add", "-A")
     git(dest, "commit", "-q", "-m", "project copy for bench/robustness.py")
     return {"commit": git(ROOT, "rev-parse", "HEAD").strip(),
-            "dirty_paths": [line[3:] for line in git(ROOT, "status", "--porcelain", "--", *PROJECT_DIRS,
-                                                     *PROJECT_FILES).splitlines()]}
+            "dirty_paths": sorted(git(ROOT, "diff", "--name-only", "HEAD", "--", *PROJECT_DIRS, *PROJECT_FILES).split()
+                                  + git(ROOT, "ls-files", "--others", "--exclude-standard", "--",
+                                        *PROJECT_DIRS, *PROJECT_FILES).split())}
 
 
 def stage_env(work: Path) -> dict[str, str]:

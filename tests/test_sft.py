@@ -363,7 +363,9 @@ def test_two_gloo_processes_train_data_parallel(project):
     accelerate = Path(sys.executable).parent / "accelerate"
     out = finish(run_stage(project, str(accelerate), "launch", "--config_file", str(REPO / "configs/accelerate/ddp.yaml"),
                            "--num_processes", "2", "--main_process_port", "0",
-                           out="models/ddp", save_steps=None, max_steps=6), timeout=400)
+                           out="models/ddp", save_steps=None, max_steps=6,
+                           adversarial={"method": "fgm"}), timeout=400)  # its extra passes under DDP too
     assert (project / "models/ddp/adapter_model.safetensors").is_file()
     assert out.count("preflight: estimated total") == 1  # rank 0 prints and writes; rank 1 only trains
     assert "sft: world size 2 (distributed)" in out, out[-3000:]
+    assert "2 forward/backward passes per micro-batch" in out
