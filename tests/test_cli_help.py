@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import REPO_ROOT, venv_env
 
 STAGES = ["sample_data", "base", "validate", "dapt", "sft", "evaluate", "register"]
-TOOLS = ["predict", "interactive", "merge", "rollback", "reproduce", "import_data", "profile", "team"]
+TOOLS = ["predict", "interactive", "merge", "rollback", "reproduce", "import_data", "profile", "team", "sweep"]
 MODULES = [f"pipeline.{m}" for m in STAGES + TOOLS] + ["flows.lock", "flows.deploy"]
 HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "mlflow", "prefect", "great_expectations", "pandas",
          "pyarrow", "matplotlib", "bitsandbytes")

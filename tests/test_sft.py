@@ -186,7 +186,7 @@ def test_the_stage_selects_on_validation_never_on_eval(project, monkeypatch):
     def train_adapter(model_dir, examples, tokenizer, params, out_dir, eval_examples=None, checkpoint_dir=None,
                       identity=None, callbacks=None):
         seen.update(train=examples, held_out=eval_examples, identity=identity)
-        return {"train": [], "eval": [], "eval_accuracy": []}
+        return {"train": [], "eval": [], "eval_accuracy": [], "adversarial": []}
 
     monkeypatch.setattr(sft, "train_adapter", train_adapter)
     write_params(project, params_with(project, out_dir="models/v"))
