@@ -278,8 +278,10 @@ def test_every_method_trains_an_adapter_plain_peft_loads(project, tmp_path, vari
         assert [e["loss"] for e in logs["train"]] != [e["loss"] for e in plain["logs"]["train"]]
     adversarial = variant.get("adversarial", {}).get("method")
     passes = {None: 1, "fgm": 2, "pgd": variant.get("adversarial", {}).get("steps", 0) + 1}[adversarial]
-    # every micro-batch ran `passes` training forwards (8 optimizer steps × accumulation)
-    assert len(recorder.shapes) == 8 * variant.get("gradient_accumulation_steps", 1) * passes, len(recorder.shapes)
+    # every micro-batch ran `passes` training forwards (optimizer steps × accumulation)
+    assert recorder.steps == variant.get("max_steps", 8) or "early_stopping_patience" in variant, recorder.steps
+    assert len(recorder.shapes) == recorder.steps * variant.get("gradient_accumulation_steps", 1) * passes, \
+        (len(recorder.shapes), recorder.steps)
     if adversarial:  # the moved embeddings raised the loss: the attack found worse inputs, not random ones
         increases = [e["loss"] for e in logs["adversarial"]]
         assert increases and sum(increases) / len(increases) > 1.0, increases
@@ -302,12 +304,16 @@ class BatchRecorder:
 
         self.shapes: list[tuple[int, ...]] = []
         self.linear_types: set[str] = set()
+        self.steps = 0  # optimizer steps taken
         recorder = self
 
         class Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, model=None, **kwargs):
                 recorder.linear_types = {type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}
                 model.register_forward_pre_hook(recorder.record, with_kwargs=True)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                recorder.steps += 1
 
         self.callback = Callback()
 
