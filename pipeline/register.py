@@ -273,7 +273,9 @@ def register_adapter(params: Params, metrics: dict, scored: dict) -> tuple[dict,
                 {"model": model, "tokenizer": tokenizer}, name="adapter", task="text-generation",
                 base_model_path=base["local"], pip_requirements=[f"{lib}=={pkg_version(lib)}" for lib in LIBRARIES])
             tags = lineage_tags(params, metrics, base, tokenizer, adapter_sha256)
-            mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.")})
+            # The run key stays on the version only: on the run it would make stage_run's parent search find
+            # this stage run instead of the pipeline's run, and a later stage of the same key nest under it.
+            mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.") and k != RUN_KEY_TAG})
             version = mlflow.register_model(info.model_uri, name, tags=tags)  # version and tags in one call
         promoted, alias, reason = decide(params, client, name, client.get_model_version(name, version.version),
                                          metrics, scored)

@@ -119,6 +119,8 @@ def test_registry_holds_champion_version_with_lineage(pipeline_run, client):
     parent_id = run.data.tags["mlflow.parentRunId"]
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert {c.data.tags["stage"] for c in children} == {"validate", "dapt", "sft", "evaluate", "register"}
+    keyed = client.search_runs([run.info.experiment_id], "tags.pipeline_run_key = 'e2e-first-run'")
+    assert [r.info.run_id for r in keyed] == [parent_id]  # only the pipeline's run: the parent search finds it
     sft_run = next(c for c in children if c.data.tags["stage"] == "sft")
     history = client.get_metric_history(sft_run.info.run_id, "train_loss")
     assert len(history) >= 10 and history[-1].value < history[0].value
