@@ -46,12 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
-           "GX_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-os.environ.update(OFFLINE)
+from sft_bench import BENCH, OFFLINE, ROOT  # noqa: E402  (bench/ is the script's path; sets the offline env)
 
 # What tests/conftest.py `make_project_copy` copies: what `dvc repro` needs, no outputs, no data.
 PROJECT_DIRS = ("pipeline", "flows", "bin")
