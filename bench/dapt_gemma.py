@@ -1,4 +1,4 @@
-"""DAPT on real Korean text with Gemma 3 270M: the pipeline's own continued pretraining (`pipeline.dapt`) on the
+"""DAPT on real Korean text with Gemma 3 270M: the pipeline's own continued pretraining (`pipeline.training.dapt`) on the
 Korean law corpus (konlpy's kolaw, imported by `data/real/dvc.yaml`), perplexity before and after on its
 held-out lines (no line shared with the corpus: checked here) and on English text (BoolQ passages: forgetting).
 
@@ -23,11 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.config import DaptParams, load_params  # noqa: E402
-from pipeline.dapt import continued_pretraining, pack_corpus  # noqa: E402
-from pipeline.evaluate import perplexity  # noqa: E402
-from pipeline.modeling import cache_dir, document_ids, load_causal_lm, load_tokenizer  # noqa: E402
-from pipeline.packaged import build_packaged_base  # noqa: E402
+from pipeline.config import DaptParams, load_params
+from pipeline.training.dapt import continued_pretraining, pack_corpus
+from pipeline.evaluation.scoring import perplexity
+from pipeline.modeling.loading import cache_dir, document_ids, load_causal_lm, load_tokenizer
+from pipeline.modeling.packaged import build_packaged_base
 
 
 def text_lines(path: Path) -> list[str]:

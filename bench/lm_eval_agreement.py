@@ -6,7 +6,7 @@ split in data/processed and the SmolLM2 base in models/base:
 
     .venv/bin/python bench/lm_eval_agreement.py [--adapter models/adapter] [--limit N]
 
-1. Agreement: every eval item's options are scored by `pipeline.evaluate.option_logprobs` (one batched
+1. Agreement: every eval item's options are scored by `pipeline.evaluation.scoring.option_logprobs` (one batched
    forward over all options of all items) and by the harness (`HFLM` over the same model object, a task
    YAML over a local JSONL whose context is our rendered chat prompt and whose choices are exactly the
    tokens our scorer scores: the answer number plus the template's end-of-turn marker, no delimiter).
@@ -35,12 +35,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.chat import chat_tokenizer, render  # noqa: E402
-from pipeline.config import TaskParams, load_params  # noqa: E402
-from pipeline.data import Record  # noqa: E402
-from pipeline.evaluate import choose, option_logprobs, option_sequences  # noqa: E402
-from pipeline.formats import Example, prompt_of, read_examples, to_example  # noqa: E402
-from pipeline.modeling import load_causal_lm  # noqa: E402
+from pipeline.modeling.chat_template import chat_tokenizer, render
+from pipeline.config import TaskParams, load_params
+from pipeline.data.readers import Record
+from pipeline.evaluation.scoring import choose, option_logprobs, option_sequences
+from pipeline.data.formats import Example, prompt_of, read_examples, to_example
+from pipeline.modeling.loading import load_causal_lm
 
 CLOSED_BOOK = TaskParams(system_prompt="Answer the question.",
                          user_template="Question:\n{question}\n\nChoices:\n{choices}\n\nAnswer with the number of "
@@ -101,7 +101,7 @@ def agreement(model, tokenizer, examples: list[Example], lm, batch_size: int) ->
 
 
 def arc(model, tokenizer, lm, dataset: str, out_dir: Path, batch_size: int) -> dict:
-    from pipeline.import_data import import_benchmark
+    from pipeline.data.benchmarks import import_benchmark
 
     import_benchmark(dataset, out_dir / dataset, None, 0)
     rows = [json.loads(line) for line in (out_dir / dataset / "eval.jsonl").read_text(encoding="utf-8").split("\n")

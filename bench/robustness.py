@@ -17,7 +17,7 @@ params.yaml's `sft` section unchanged (evaluation and checkpoints every 50 steps
 - neftune: `sft.neftune_noise_alpha` 5 (the value the params comment suggests);
 - fgm: `sft.adversarial.method: fgm` with params.yaml's epsilon;
 - pgd: `sft.adversarial.method: pgd` with params.yaml's epsilon, steps and alpha.
-Training goes through `pipeline.sft.train_adapter` with the arguments the stage's main() passes (the
+Training goes through `pipeline.training.sft.train_adapter` with the arguments the stage's main() passes (the
 validation split, the checkpoint dir, the run identity); only MLflow logging is left out. A callback times
 every optimizer step from its start to its end (forward, backward, optimizer; the held-out evaluations and
 checkpoints that follow some steps are not in it): the median after 5 warm-up steps is "seconds per step".
@@ -61,7 +61,7 @@ def variants(neftune_alpha: float) -> dict[str, dict]:
 
 
 def passes_per_step(sft) -> int:
-    """Forward/backward passes per micro-batch (pipeline/adversarial.py)."""
+    """Forward/backward passes per micro-batch (pipeline/training/adversarial.py)."""
     method = sft.adversarial.method
     return 1 if method is None else 2 if method == "fgm" else sft.adversarial.steps + 1
 
@@ -109,9 +109,9 @@ def copy_project(dest: Path) -> dict:
 
 
 def stage_env(work: Path) -> dict[str, str]:
-    env = {**os.environ, **OFFLINE, "PIPELINE_PYTHON": sys.executable,
-           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    from pipeline.env import interpreter_env
+
+    env = interpreter_env(**OFFLINE, PIPELINE_PYTHON=sys.executable, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}")
     env.pop("PIPELINE_RUN_KEY", None)
     return env
 
@@ -152,9 +152,9 @@ def train_worker(spec: dict) -> dict:
     """One adapter, as the sft stage's main() trains it (without MLflow), in this fresh process."""
     import torch
 
-    from pipeline.chat import chat_tokenizer, require_fingerprint
-    from pipeline.formats import read_examples
-    from pipeline.sft import run_identity, train_adapter, validation_examples
+    from pipeline.data.formats import read_examples
+    from pipeline.modeling.chat_template import chat_tokenizer, require_fingerprint
+    from pipeline.training.sft import run_identity, train_adapter, validation_examples
 
     project = Path(spec["project"])
     params = variant_params(project, spec["sft_update"])
@@ -199,8 +199,8 @@ def run_worker(kind: str, spec: dict, work: Path, name: str) -> dict:
 def robust_correct(model, tokenizer, examples, params) -> list[dict]:
     """Per perturbed copy: its kind, item id and whether the stage's scorer picks its answer (the same items,
     order and scorer as robustness_metrics)."""
-    from pipeline.evaluate import choose, option_logprobs
-    from pipeline.perturb import perturbed_examples
+    from pipeline.data.perturb import perturbed_examples
+    from pipeline.evaluation.scoring import choose, option_logprobs
 
     robustness = params.evaluate.robustness
     items = [(kind, e) for kind in robustness.perturbations
@@ -213,12 +213,13 @@ def evaluate_worker(spec: dict) -> dict:
     """Every adapter scored by the evaluate stage's functions, loaded the way the stage loads `tuned`."""
     from peft import PeftModel
 
-    from pipeline.chat import require_fingerprint, stop_token_ids
     from pipeline.config import load_params
-    from pipeline.evaluate import accuracy_ci95, mcq_metrics, robustness_metrics
-    from pipeline.formats import read_examples
-    from pipeline.machine import machine_tags
-    from pipeline.modeling import load_causal_lm, load_tokenizer
+    from pipeline.data.formats import read_examples
+    from pipeline.evaluation.metrics import mcq_metrics, robustness_metrics
+    from pipeline.evaluation.statistics import accuracy_ci95
+    from pipeline.modeling.chat_template import require_fingerprint, stop_token_ids
+    from pipeline.modeling.loading import load_causal_lm, load_tokenizer
+    from pipeline.registry.machine import machine_tags
 
     params = load_params(Path(spec["project"]) / "params.yaml")
     processed = params.validation.out_dir

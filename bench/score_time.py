@@ -13,11 +13,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.chat import chat_tokenizer  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
-from pipeline.evaluate import choose, option_logprobs  # noqa: E402
-from pipeline.formats import read_examples  # noqa: E402
-from pipeline.modeling import load_causal_lm  # noqa: E402
+from pipeline.modeling.chat_template import chat_tokenizer
+from pipeline.config import load_params
+from pipeline.evaluation.scoring import choose, option_logprobs
+from pipeline.data.formats import read_examples
+from pipeline.modeling.loading import load_causal_lm
 
 previous = json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results-lm-eval.json").read_text())
 params = load_params(Path("params.yaml"))

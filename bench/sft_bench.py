@@ -3,8 +3,8 @@
     .venv/bin/python bench/sft_bench.py             # full run (median of 3), writes bench/results.json
     .venv/bin/python bench/sft_bench.py --quick     # smoke test: 1 repeat, few steps, bench/results-quick.json
 
-Everything is built offline in a temp dir: the sample data (pipeline.sample_data.generate), the
-built-in tiny base (pipeline.base.build_tiny_base, params.yaml `base.tiny`), and a larger random-init
+Everything is built offline in a temp dir: the sample data (pipeline.data.synthetic.generate), the
+built-in tiny base (pipeline.modeling.tiny.build_tiny_base, params.yaml `base.tiny`), and a larger random-init
 Llama (same tokenizer, hidden 768 × 8 layers, ~57.5 M parameters). Each case runs in a fresh
 subprocess (no RSS, thread pool or allocator state leaks between cases), repeats are interleaved
 (case A, B, C, A, B, C, ...) so slow drift of the machine hits every case alike, and the median
@@ -13,7 +13,7 @@ quantization, seed) with, for both sides alike, no evaluation and no checkpoints
 training throughput). See bench/README.md for what each case measures and the formulas.
 
 Cases
-- SFT tokens/s: `pipeline.sft.train_adapter` unpacked and packed, and bench/plain_trl_sft.py unpacked,
+- SFT tokens/s: `pipeline.training.sft.train_adapter` unpacked and packed, and bench/plain_trl_sft.py unpacked,
   on the tiny base with fp32 compute; then the pipeline stage with fp32 and bf16 compute on the tiny
   and the ~57.5 M model. Tokens are counted by bench/throughput.py, identically for both sides.
 - Load RSS: peak RSS (ru_maxrss of the child) while loading the ~57.5 M model with the pipeline's
@@ -148,7 +148,7 @@ def worker_load(spec: dict) -> dict:
     import torch
     import transformers  # noqa: F401
 
-    from pipeline.modeling import load_causal_lm
+    from pipeline.modeling.loading import load_causal_lm
 
     before = proc_status()
     try:  # reset VmHWM to the current RSS: the load-phase peak, without the import-time peak
@@ -183,10 +183,10 @@ def worker_load(spec: dict) -> dict:
 
 
 def worker_pipeline(spec: dict) -> dict:
-    from pipeline.chat import chat_tokenizer
+    from pipeline.modeling.chat_template import chat_tokenizer
     from pipeline.config import load_params
-    from pipeline.formats import Example
-    from pipeline.sft import train_adapter
+    from pipeline.data.formats import Example
+    from pipeline.training.sft import train_adapter
     from throughput import Throughput
 
     params = load_params(ROOT / "params.yaml")
@@ -210,14 +210,14 @@ def run_worker(kind: str, spec_file: str, result_file: str) -> None:
 def build_inputs(tmp: Path) -> dict:
     """Sample data, the tiny base, the ~57.5 M model and the two training files (pipeline examples, plain messages)."""
     sys.path.insert(0, str(ROOT))
-    from pipeline.base import build_tiny_base, build_tiny_model
-    from pipeline.chat import chat_tokenizer
+    from pipeline.modeling.tiny import build_tiny_base, build_tiny_model
+    from pipeline.modeling.chat_template import chat_tokenizer
     from pipeline.config import TinyModelParams, load_params
-    from pipeline.data import read_records
-    from pipeline.formats import to_example
-    from pipeline.modeling import save_atomically
-    from pipeline.sample_data import generate
-    from pipeline.sft import training_rows
+    from pipeline.data.readers import read_records
+    from pipeline.data.formats import to_example
+    from pipeline.modeling.loading import save_atomically
+    from pipeline.data.synthetic import generate
+    from pipeline.training.sft import training_rows
 
     from transformers.utils import logging as hf_logging
 
@@ -246,7 +246,7 @@ def model_stats(model_dir: Path, sft) -> dict:
     """Counts for the FLOP formula, from the architecture on the meta device (as the pipeline's preflight)."""
     import torch
 
-    from pipeline.preflight import meta_model, trainable_count
+    from pipeline.training.preflight import meta_model, trainable_count
 
     model, config = meta_model(str(model_dir))
     head = model.get_output_embeddings()
@@ -448,7 +448,7 @@ def tables(result: dict) -> str:
                      f"{fmt(c['timed_steps'], '.0f')}{' (warm-up incl.)' if c['warmup_included'] else ''} | {fmt(c['achieved_gflops'], '.2f')} | {fmt(c['mfu_vs_fp32_peak'], '.1%')} | "
                      f"{fmt(c['mfu_vs_bf16_peak'], '.1%')} | {fmt(c['peak_rss_mb'])} |")
     nf4, fp32 = s["load_big_nf4"], s["load_big_fp32"]
-    lines += ["", f"### Loading the {names['big']} model (pipeline.modeling.load_causal_lm) + one 128-token forward", "",
+    lines += ["", f"### Loading the {names['big']} model (pipeline.modeling.loading.load_causal_lm) + one 128-token forward", "",
               "| load | peak RSS MB (ru_maxrss) | RSS before load | load-phase peak RSS | peak anon increase | "
               "RSS after load | RSS after forward | of which file-backed | weights MB | load s |",
               "|---|---|---|---|---|---|---|---|---|---|"]

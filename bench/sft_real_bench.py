@@ -30,10 +30,10 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALL
 
 
 def pipeline_side(spec: dict) -> dict:
-    from pipeline.chat import chat_tokenizer
+    from pipeline.modeling.chat_template import chat_tokenizer
     from pipeline.config import load_params
-    from pipeline.formats import read_examples
-    from pipeline.sft import train_adapter
+    from pipeline.data.formats import read_examples
+    from pipeline.training.sft import train_adapter
     from throughput import Throughput
 
     params = load_params(Path(spec["params"]))
@@ -53,7 +53,7 @@ def plain_side(spec: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from pipeline.config import load_params
-    from pipeline.formats import read_examples
+    from pipeline.data.formats import read_examples
     from throughput import Throughput
 
     params = load_params(Path(spec["params"]))

@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ParamsError
+from pipeline.metric_catalog import PERTURBATIONS, metric_direction
 
 BUILTIN_TINY = "builtin-tiny"
 
@@ -115,7 +117,7 @@ class TinyModelParams(Strict):
 
 
 class BaseParams(Strict):
-    model: str  # "builtin-tiny", a packaged model (pipeline/packaged.py), a Hugging Face id or a local model dir
+    model: str  # "builtin-tiny", a packaged model (pipeline/modeling/packaged.py), a Hugging Face id or a local model dir
     revision: str | None = None
     out_dir: str = "models/base"
     tiny: TinyModelParams
@@ -184,7 +186,7 @@ class PromptTuningParams(Strict):
 
 
 class AdversarialParams(Strict):
-    """Adversarial training on the input embeddings (pipeline/adversarial.py)."""
+    """Adversarial training on the input embeddings (pipeline/training/adversarial.py)."""
 
     method: Literal["fgm", "pgd"] | None = None
     epsilon: float = Field(default=0.05, gt=0, le=1)  # per-token L2 radius, a fraction of that token's embedding norm
@@ -245,11 +247,10 @@ class SftParams(Strict):
         return self
 
 
-PERTURBATIONS = ("shuffle_choices", "typos", "distractor")  # pipeline/perturb.py
 
 
 class RobustnessParams(Strict):
-    """Accuracy on perturbed copies of an mcq eval set (pipeline/perturb.py); an empty list turns it off."""
+    """Accuracy on perturbed copies of an mcq eval set (pipeline/data/perturb.py); an empty list turns it off."""
 
     perturbations: list[str] = []
     typo_rate: float = Field(default=0.05, gt=0, le=0.3)  # share of the editable letters edited (non-adjacent: <= 0.3)
@@ -273,40 +274,6 @@ class EvaluateParams(Strict):
     robustness: RobustnessParams = RobustnessParams()
 
 
-# What the evaluate stage measures for each model (`<model>_<metric>`, model: base, dapt, tuned, champion),
-# by eval format, and which way is better (True: higher). pipeline/evaluate.py produces exactly these;
-# MCQ items that carry a category also get `accuracy_<category>` (higher is better). The robust_* metrics
-# (accuracy on perturbed copies, pooled and per perturbation) exist while evaluate.robustness lists
-# perturbations, for base, tuned and champion (not dapt).
-EVAL_METRICS: dict[str, dict[str, bool]] = {
-    # acc_ci95_low/high: the Wilson 95 % interval of accuracy (a gate on the low end asks for a sure gain)
-    "mcq": {"accuracy": True, "acc_ci95_low": True, "acc_ci95_high": True, "generation_em": True, "eos_rate": True,
-            "ppl_domain": False, "ppl_general": False,
-            "robust_accuracy": True, "robust_acc_ci95_low": True, "robust_acc_ci95_high": True,
-            **{f"robust_accuracy_{kind}": True for kind in PERTURBATIONS}},
-    "chat": {"answer_loss": False, "answer_ppl": False, "generation_em": True, "rougeL": True, "eos_rate": True,
-             "ppl_domain": False, "ppl_general": False},
-}
-
-
-def eval_kind(eval_format: str) -> str:
-    return "mcq" if eval_format == "mcq" else "chat"
-
-
-def metric_direction(metric: str, eval_format: str) -> bool:
-    """True when a higher `tuned_<name>` is better; ValueError naming the valid metrics when it is not one."""
-    kind = eval_kind(eval_format)
-    name = metric.removeprefix("tuned_")
-    if metric.startswith("tuned_"):
-        if name in EVAL_METRICS[kind]:
-            return EVAL_METRICS[kind][name]
-        if kind == "mcq" and name.startswith("accuracy_") and len(name) > len("accuracy_"):
-            return True  # per-category accuracy
-    valid = [f"tuned_{m}" for m in EVAL_METRICS[kind]] + (["tuned_accuracy_<category>"] if kind == "mcq" else [])
-    raise ValueError(f"{metric!r} is not a metric the evaluate stage reports for data.eval.format "
-                     f"{eval_format}; valid: {', '.join(valid)}")
-
-
 class GuardParams(Strict):
     metric: str
     higher_is_better: bool | None = None  # optional: the metric's own direction (EVAL_METRICS); a contradiction is refused
@@ -314,7 +281,7 @@ class GuardParams(Strict):
 
 
 class CardParams(Strict):
-    """The model card's own words (pipeline/model_card.py); None: a default written for the task."""
+    """The model card's own words (pipeline/registry/model_card.py); None: a default written for the task."""
 
     intended_use: str | None = Field(default=None, min_length=1)
     limitations: str | None = Field(default=None, min_length=1)
@@ -379,46 +346,6 @@ class Params(Strict):
 
     def guard_higher_is_better(self, guard: GuardParams) -> bool:
         return metric_direction(guard.metric, self.data.eval.format)
-
-
-class ParamsError(SystemExit):
-    """Exit with a message a user can act on (no traceback)."""
-
-    def __init__(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        super().__init__(2)
-
-
-def cli_parser(doc: str | None, prog: str | None = None):
-    """The argparse parser of a `python -m <module>` command: `--help` prints the module docstring (its
-    summary line first). Parse with it before params or heavy libraries are loaded."""
-    import argparse
-
-    return argparse.ArgumentParser(prog=prog, description=(doc or "").strip(),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def run_cli(main) -> None:
-    """Run a CLI's main(); an error the user can fix (pipeline.data.DataError) ends as one line, exit 2.
-
-    A stage takes no arguments: run as `python -m pipeline.<stage>`, `--help` prints what it does (its
-    module docstring) and exits before any params or heavy library are loaded, and an unknown argument
-    is refused (exit 2) instead of ignored. Called in-process (tests: `run_cli(validate.main)`), the
-    command line is not the stage's and is left alone. A tool's main(argv) parses its own options."""
-    import inspect
-
-    from pipeline.data import DataError
-
-    if main.__module__ == "__main__" and not inspect.signature(main).parameters:
-        spec = getattr(sys.modules["__main__"], "__spec__", None)
-        parser = cli_parser(sys.modules["__main__"].__doc__, f"python -m {spec.name}" if spec else None)
-        parser.epilog = "Reads params.yaml in the current directory (the project root)."
-        parser.parse_args()
-    try:
-        main()
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -59,7 +59,7 @@ def git_commit() -> tuple[str, bool]:
         return "unknown", False
 
 
-SWEEP_RUN_ENV = "PIPELINE_SWEEP_RUN_ID"  # set by pipeline/sweep.py: the MLflow run of the sweep
+SWEEP_RUN_ENV = "PIPELINE_SWEEP_RUN_ID"  # set by pipeline/commands/sweep.py: the MLflow run of the sweep
 
 
 def run_key(params: Params) -> str:

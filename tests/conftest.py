@@ -121,9 +121,9 @@ class TinyWorld:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> TinyWorld:
     """The sample data + tokenizer + tiny base builder, once per test process (see TinyWorld)."""
-    from pipeline.base import build_tiny_base, tokenizer_texts
+    from pipeline.modeling.tiny import build_tiny_base, tokenizer_texts
     from pipeline.config import TinyModelParams, load_params
-    from pipeline.sample_data import generate
+    from pipeline.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("tiny_world")
     params = load_params(REPO_ROOT / "params.yaml")

@@ -1,5 +1,5 @@
 """One side of a concurrent registration (tests/test_team.py): wait for the common start time, then apply the
-promotion gate to a version under the registry lock, exactly as `register` does (pipeline.register.decide).
+promotion gate to a version under the registry lock, exactly as `register` does (pipeline.registry.gate.decide).
 
     python -m tests.team_race <model name> <version> <tuned_accuracy> <start unix time>
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
-from pipeline.register import decide
-from pipeline.registry import registry_lock
+from pipeline.registry.gate import decide
+from pipeline.registry.lock import registry_lock
 from pipeline.tracking import tracking_uri
 
 

@@ -5,7 +5,7 @@ applied to a good project by copying the directory to `bad/` inside it and editi
 named in `replace` point at `bad/<file>` (with `format` if given), `params` is deep-merged, and `generate`
 makes files too big or too binary to commit. Then:
 
-a. the real validate entry point (`run_cli(pipeline.validate.main)`, in-process for speed) must exit with
+a. the real validate entry point (`run_cli(pipeline.stages.validate.main)`, in-process for speed) must exit with
    the case's code, print every `expect` substring on stderr, print no traceback, leave data/processed
    byte-identical and register nothing;
 b. `dvc repro` of the whole pipeline (after one good tiny run) must fail with the same messages and leave
@@ -189,12 +189,13 @@ def good_project(tmp_path_factory):
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     import mlflow
-    from pipeline.base import build_tiny_base
-    from pipeline.config import SampleDataParams, TinyModelParams, load_params, run_cli
-    from pipeline.data import read_records
-    from pipeline.formats import to_example
-    from pipeline.sample_data import generate
-    from pipeline.validate import main
+    from pipeline.modeling.tiny import build_tiny_base
+    from pipeline.config import SampleDataParams, TinyModelParams, load_params
+    from pipeline.cli import run_cli
+    from pipeline.data.readers import read_records
+    from pipeline.data.formats import to_example
+    from pipeline.data.synthetic import generate
+    from pipeline.stages.validate import main
 
     root = tmp_path_factory.mktemp("bad_inputs_validate")
     project = root / "project"
@@ -222,8 +223,8 @@ def good_project(tmp_path_factory):
 
 @pytest.mark.parametrize("name", CASES)
 def test_validate_entry_point_rejects(name, good_project, tmp_path, monkeypatch, capfd):
-    from pipeline.config import run_cli
-    from pipeline.validate import main
+    from pipeline.cli import run_cli
+    from pipeline.stages.validate import main
 
     project = tmp_path / "project"
     shutil.copytree(good_project["project"], project, symlinks=True)
@@ -291,7 +292,7 @@ def test_dvc_repro_rejects(name, request):
 
 @pytest.mark.extended
 def test_reproduce_recreates_the_registered_adapter(dvc_project, tmp_path):
-    """The README's `pipeline.reproduce` command re-creates version 1 from its commit in a worktree: on this
+    """The README's `pipeline.commands.reproduce` command re-creates version 1 from its commit in a worktree: on this
     machine class the same adapter bytes; registered on another class, the gate metric within tolerance;
     a version trained from uncommitted changes is refused."""
     import json
@@ -303,8 +304,8 @@ def test_reproduce_recreates_the_registered_adapter(dvc_project, tmp_path):
     from tests.conftest import venv_env
     from tests.test_pipeline_e2e import readme_commands
 
-    command = next(c for c in readme_commands() if "pipeline.reproduce" in c).split()
-    assert command[:3] == [".venv/bin/python", "-m", "pipeline.reproduce"], command
+    command = next(c for c in readme_commands() if "pipeline.commands.reproduce" in c).split()
+    assert command[:3] == [".venv/bin/python", "-m", "pipeline.commands.reproduce"], command
     project = dvc_project["project"]
 
     def reproduce(workdir: str) -> tuple[subprocess.CompletedProcess, dict | None]:

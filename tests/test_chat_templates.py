@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.chat import chat_tokenizer, encode_chat, span_ends, stop_token_ids
+from pipeline.modeling.chat_template import chat_tokenizer, encode_chat, span_ends, stop_token_ids
 from tests.tiny_chat_models import FAMILIES, build_tiny_chat_model
 
 
@@ -69,7 +69,7 @@ def test_the_gate_passes_each_family_and_warns_about_mistral(models, tmp_path):
     import yaml
 
     from pipeline.config import Params
-    from pipeline.validate import validate_datasets
+    from pipeline.data.validation import validate_datasets
 
     train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     rows = [{"id": f"m{i}", "messages": [SYSTEM, {"role": "user", "content": f"질문 {i}: 2 더하기 {i}는?"},
@@ -101,9 +101,9 @@ def test_a_real_template_trains_a_loadable_adapter(family, models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.config import load_params
-    from pipeline.formats import Example
-    from pipeline.modeling import template_fingerprint
-    from pipeline.sft import train_adapter
+    from pipeline.data.formats import Example
+    from pipeline.modeling.loading import template_fingerprint
+    from pipeline.training.sft import train_adapter
 
     params = load_params(REPO / "params.yaml")
     params = params.model_copy(update={"sft": params.sft.model_copy(update={"max_steps": 2, "batch_size": 2,
@@ -124,8 +124,8 @@ def test_eos_label_survives_when_pad_is_eos(models, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.formats import Example
-    from pipeline.sft import training_rows
+    from pipeline.data.formats import Example
+    from pipeline.training.sft import training_rows
 
     tokenizer = chat_tokenizer(models["llama3_1"])
     assert tokenizer.pad_token_id == tokenizer.eos_token_id

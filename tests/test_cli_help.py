@@ -16,9 +16,9 @@ import pytest
 
 from tests.conftest import REPO_ROOT, venv_env
 
-STAGES = ["sample_data", "base", "validate", "dapt", "sft", "evaluate", "register"]
-TOOLS = ["predict", "interactive", "merge", "rollback", "reproduce", "import_data", "profile", "team", "sweep"]
-MODULES = [f"pipeline.{m}" for m in STAGES + TOOLS] + ["flows.lock", "flows.deploy"]
+STAGES = [f"pipeline.stages.{m}" for m in ("sample_data", "build_base", "validate", "dapt", "sft", "evaluate", "register")]
+COMMANDS = [f"pipeline.commands.{m}" for m in ("predict", "chat", "merge", "rollback", "reproduce", "run_profile", "sweep")]
+MODULES = STAGES + COMMANDS + ["pipeline.stages.import_data", "flows.team", "flows.lock", "flows.deploy"]
 HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "mlflow", "prefect", "great_expectations", "pandas",
          "pyarrow", "matplotlib", "bitsandbytes")
 
@@ -48,15 +48,15 @@ def test_help_works_outside_the_project(module, tmp_path):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_stage_refuses_an_unknown_argument(stage, tmp_path):
-    proc = run(tmp_path, "-m", f"pipeline.{stage}", "--epochs", "3")
+    proc = run(tmp_path, "-m", stage, "--epochs", "3")
     assert proc.returncode == 2 and "unrecognized arguments: --epochs 3" in proc.stderr
-    assert proc.stderr.startswith(f"usage: python -m pipeline.{stage}") and list(tmp_path.iterdir()) == []
+    assert proc.stderr.startswith(f"usage: python -m {stage}") and list(tmp_path.iterdir()) == []
 
 
 def test_a_stage_called_in_process_leaves_the_command_line_alone(monkeypatch):
     """Tests call `run_cli(validate.main)` under pytest: pytest's own argv is not the stage's to refuse."""
-    from pipeline import sample_data
-    from pipeline.config import run_cli
+    from pipeline.stages import sample_data
+    from pipeline.cli import run_cli
 
     ran = []
 

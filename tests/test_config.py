@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ParamsError, load_params
+from pipeline.errors import ParamsError
+from pipeline.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from pipeline.config import TaskParams, load_params
-from pipeline.data import DataError, Record, read_records
-from pipeline.formats import answer_index, structure_problems, to_example
+from pipeline.errors import DataError
+from pipeline.data.readers import Record, read_records
+from pipeline.data.formats import answer_index, structure_problems, to_example
 from tests.conftest import TINY_BASE, TINY_SAMPLE
 
 
@@ -77,8 +78,8 @@ def limited(limit: int):
 def test_stage_readers_of_user_data_honour_the_params_limit(tmp_path):
     """base (the shipped text its tokenizer learns from) and predict (a user's items file) read with
     `validate.max_record_bytes`: refused at the params' limit, accepted once the limit is raised."""
-    from pipeline.base import tokenizer_texts
-    from pipeline.predict import mcq_examples
+    from pipeline.modeling.tiny import tokenizer_texts
+    from pipeline.commands.predict import mcq_examples
 
     item = {"passage": "가" * 1000, "question": "q", "choices": ["a", "b"], "answer": 1}  # a 3 kB line
     (tmp_path / "train.jsonl").write_text(json.dumps(item, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -100,8 +101,8 @@ def test_processed_readers_accept_what_validate_wrote_even_past_the_limit(tmp_pa
     longest processed line in manifest.json and read_examples/read_texts accept up to it, so a user who
     raised the limit just enough for their documents is not refused by dapt/sft/evaluate/merge. A line
     longer than both is still refused unread, and without the manifest entry the params' limit alone holds."""
-    from pipeline.data import write_jsonl as write_processed_jsonl
-    from pipeline.formats import processed_record_limit, read_examples, read_texts
+    from pipeline.data.readers import write_jsonl as write_processed_jsonl
+    from pipeline.data.formats import processed_record_limit, read_examples, read_texts
 
     record = Record("in.jsonl", 1, True, {"passage": "p" * 700, "question": "q", "choices": ["x" * 60, "y" * 60],
                                           "answer": 1})
@@ -273,8 +274,8 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import dapt, evaluate, sft, validate
-    from pipeline.modeling import template_fingerprint
+    from pipeline.stages import dapt, evaluate, sft, validate
+    from pipeline.modeling.loading import template_fingerprint
 
     raw = project_for(fmt, tiny, tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
@@ -303,7 +304,7 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
     else:
         assert metrics["tuned_answer_loss"] > 0 and 0 <= metrics["tuned_rougeL"] <= 1
         assert "tuned_answer_ppl" in metrics and "base_rougeL" in metrics
-    from pipeline.config import EVAL_METRICS, eval_kind  # the catalog the gate/guard check uses is what was reported
+    from pipeline.metric_catalog import EVAL_METRICS, eval_kind
 
     reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith("tuned_accuracy_")}
     kind = eval_kind(raw["data"]["eval"]["format"])
@@ -321,8 +322,8 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
 
 def template_mismatch_is_refused(project: Path, raw: dict) -> None:
     """Training and evaluation refuse a chat template other than the one the data was validated with."""
-    from pipeline import evaluate, sft, validate
-    from pipeline.data import DataError
+    from pipeline.stages import evaluate, sft, validate
+    from pipeline.errors import DataError
 
     adapter = (project / "models/adapter/adapter_model.safetensors").read_bytes()
     other = project / "other.jinja"

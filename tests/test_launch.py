@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.modeling import device_map
+from pipeline.modeling.loading import device_map
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 

@@ -8,7 +8,6 @@ refs/main), with two commits of different weights: everything must load the pinn
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,5 +98,5 @@ def test_no_credentials_from_the_tracking_uri_reach_tags_or_logged_params():
     assert redact(f"postgresql://u:{secret}@db/mlflow") == "postgresql://u:***@db/mlflow"
     assert redact("sqlite:///mlflow/mlflow.db") == "sqlite:///mlflow/mlflow.db"
     # The register stage tags params_json and logs params.json from public_params only.
-    source = (REPO_ROOT / "pipeline/register.py").read_text()
+    source = (REPO_ROOT / "pipeline/stages/register.py").read_text()
     assert "model_dump(" not in source, "register.py logs params without redacting the tracking URI"

@@ -1,4 +1,4 @@
-"""Machine tags (pipeline/machine.py): this machine's real values, and the class `reproduce` compares."""
+"""Machine tags (pipeline/registry/machine.py): this machine's real values, and the class `reproduce` compares."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import machine
-from pipeline.machine import machine_tags
+from pipeline.registry import machine
+from pipeline.registry.machine import machine_tags
 
 # torch.backends.cpu.get_cpu_capability()'s documented values (torch 2.13).
 CPU_CAPABILITIES = {"DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512", "SVE256"}

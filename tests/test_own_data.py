@@ -8,7 +8,7 @@ import shutil
 import yaml
 
 from pipeline.config import load_params
-from pipeline.sample_data import generate
+from pipeline.data.synthetic import generate
 from tests.conftest import dvc, git
 
 

@@ -1,4 +1,4 @@
-"""Perturbed copies of the MCQ eval set (pipeline/perturb.py) and the robustness scores evaluate makes of them."""
+"""Perturbed copies of the MCQ eval set (pipeline/data/perturb.py) and the robustness scores evaluate makes of them."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import re
 
 import pytest
 
-from pipeline.config import PERTURBATIONS, load_params
-from pipeline.data import DataError, read_records
-from pipeline.formats import Example, mcq_prompt, prompt_of, structure_problems, to_example
-from pipeline.perturb import (ORDINALS, POSITION, distractor_source, item_rng, mcq_record, perturb_records,
-                              perturbed_examples, sentences, typo_text)
+from pipeline.config import load_params
+from pipeline.metric_catalog import PERTURBATIONS
+from pipeline.errors import DataError
+from pipeline.data.readers import read_records
+from pipeline.data.formats import Example, mcq_prompt, prompt_of, structure_problems, to_example
+from pipeline.data.perturb import ORDINALS, POSITION, distractor_source, item_rng, mcq_record, perturb_records, perturbed_examples, sentences, typo_text
 
 PARAMS = load_params()
 RATE = PARAMS.evaluate.robustness.typo_rate
@@ -19,7 +20,7 @@ RATE = PARAMS.evaluate.robustness.typo_rate
 @pytest.fixture(scope="module")
 def items(tmp_path_factory):
     """The default params' 150 generated eval items (raw records and Examples as the reader makes them)."""
-    from pipeline.sample_data import generate
+    from pipeline.data.synthetic import generate
 
     out = tmp_path_factory.mktemp("perturb")
     generate(PARAMS.sample_data, PARAMS.sample_data.num_choices, PARAMS.seed, out)
@@ -174,14 +175,16 @@ def test_an_items_perturbation_does_not_depend_on_the_other_items(items, kind):
 
 
 def test_the_position_wording_is_the_sample_datas():
-    from pipeline import sample_data
+    from pipeline.data import synthetic
 
-    assert ORDINALS == sample_data.ORDINALS
+    assert ORDINALS == synthetic.ORDINALS
 
 
 def test_robustness_metrics_on_a_tiny_model(tiny_world):
-    from pipeline.evaluate import accuracy_ci95, choose, option_logprobs, robustness_metrics
-    from pipeline.modeling import load_causal_lm, load_tokenizer
+    from pipeline.evaluation.statistics import accuracy_ci95
+    from pipeline.evaluation.scoring import choose, option_logprobs
+    from pipeline.evaluation.metrics import robustness_metrics
+    from pipeline.modeling.loading import load_causal_lm, load_tokenizer
 
     tokenizer, model = load_tokenizer(tiny_world.base), load_causal_lm(tiny_world.base).eval()
     examples = [to_example(r, "mcq", PARAMS.task) for r in read_records(tiny_world.data / "eval.jsonl")]

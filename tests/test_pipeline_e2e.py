@@ -46,7 +46,7 @@ def test_tuned_model_beats_base_and_dapt_lowers_domain_perplexity(pipeline_run):
     for kind in ("explicit", "ordinal", "lookup"):
         assert 0.0 <= metrics[f"tuned_accuracy_{kind}"] <= 1.0
     # The catalog the params check uses (gate and guards) is exactly what evaluate reports for an mcq eval set.
-    from pipeline.config import EVAL_METRICS
+    from pipeline.metric_catalog import EVAL_METRICS
 
     reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith("tuned_accuracy_")}
     assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS["mcq"]}, reported
@@ -144,7 +144,7 @@ def test_registered_version_carries_its_model_card(pipeline_run, client, tmp_pat
     artifact and reports/model_card.md are one card; its plain-peft snippet loads the version as written."""
     import mlflow
 
-    from pipeline.model_card import CARD_TAG, DESCRIPTION_LIMIT
+    from pipeline.registry.model_card import CARD_TAG, DESCRIPTION_LIMIT
 
     project = pipeline_run["project"]
     card = (project / "reports/model_card.md").read_text(encoding="utf-8")
@@ -200,7 +200,7 @@ def test_predict_from_champion_reproduces_the_evaluated_accuracy(pipeline_run, t
     project = pipeline_run["project"]
     metrics = json.loads((project / "metrics/eval.json").read_text())
     out = tmp_path / "predictions.jsonl"
-    proc = run_module(project, pipeline_run["uri"], "pipeline.predict", "--model-uri", f"models:/{MODEL_NAME}@champion",
+    proc = run_module(project, pipeline_run["uri"], "pipeline.commands.predict", "--model-uri", f"models:/{MODEL_NAME}@champion",
                       "--input", "data/sample/eval.jsonl", "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stderr.strip().splitlines()[-1])
@@ -215,7 +215,7 @@ def test_pyfunc_loads_the_champion_and_generates(pipeline_run, client):
 
     from transformers import AutoTokenizer
 
-    from pipeline.formats import prompt_of, read_examples
+    from pipeline.data.formats import prompt_of, read_examples
 
     project = pipeline_run["project"]
     example = read_examples(project / "data/processed", "eval")[0]
@@ -229,7 +229,7 @@ def test_pyfunc_loads_the_champion_and_generates(pipeline_run, client):
 
 
 def test_predict_refuses_an_unknown_version(pipeline_run):
-    proc = run_module(pipeline_run["project"], pipeline_run["uri"], "pipeline.predict",
+    proc = run_module(pipeline_run["project"], pipeline_run["uri"], "pipeline.commands.predict",
                       "--model-uri", f"models:/{MODEL_NAME}/99", "--input", "data/sample/eval.jsonl")
     assert proc.returncode == 2 and "not in the registry" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -238,7 +238,7 @@ def test_register_again_adopts_the_version_and_a_retry_finishes_an_interrupted_o
     project = pipeline_run["project"]
     # Evaluate again, now with a champion in the registry: it is scored on the same items in the same run,
     # and since it is this very adapter its numbers equal the tuned model's.
-    proc = run_module(project, pipeline_run["uri"], "pipeline.evaluate")
+    proc = run_module(project, pipeline_run["uri"], "pipeline.stages.evaluate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((project / "metrics/eval.json").read_text())
     assert metrics["champion_version"] == 1
@@ -257,7 +257,7 @@ def test_register_again_adopts_the_version_and_a_retry_finishes_an_interrupted_o
 
     import mlflow
 
-    from pipeline.model_card import CARD_TAG
+    from pipeline.registry.model_card import CARD_TAG
 
     def readme() -> str:
         return Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/1/README.md")).read_text(encoding="utf-8")
@@ -265,7 +265,7 @@ def test_register_again_adopts_the_version_and_a_retry_finishes_an_interrupted_o
     card = readme()
     # A rerun (or a Prefect retry) of register with the same adapter adopts version 1: no duplicate, and the
     # version keeps its card (a rebuilt one would now show the champion column: evaluate scored a champion).
-    proc = run_module(project, pipeline_run["uri"], "pipeline.register")
+    proc = run_module(project, pipeline_run["uri"], "pipeline.stages.register")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already version 1; adopting it" in proc.stdout, proc.stdout
     assert "keeping the model card of version 1" in proc.stdout, proc.stdout
@@ -279,7 +279,7 @@ def test_register_again_adopts_the_version_and_a_retry_finishes_an_interrupted_o
     client.update_model_version(MODEL_NAME, "1", description="")
     logged = client.get_logged_model(client.get_model_version(MODEL_NAME, "1").source.removeprefix("models:/"))
     (Path(urllib.parse.urlparse(logged.artifact_location).path) / "README.md").unlink()
-    proc = run_module(project, pipeline_run["uri"], "pipeline.register")
+    proc = run_module(project, pipeline_run["uri"], "pipeline.stages.register")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model card attached to version 1" in proc.stdout, proc.stdout
     assert versions() == ["1"]
@@ -313,7 +313,7 @@ def test_the_registered_base_outlives_a_later_dapt_run_and_prompts_follow_the_ve
         dvc(project, "repro", "--single-item", "dapt", MLFLOW_TRACKING_URI=pipeline_run["uri"])
         assert sha256(project / "models/dapt/model.safetensors") != dapt_before
         out = tmp_path / "predictions.jsonl"
-        proc = run_module(project, pipeline_run["uri"], "pipeline.predict", "--model-uri",
+        proc = run_module(project, pipeline_run["uri"], "pipeline.commands.predict", "--model-uri",
                           f"models:/{MODEL_NAME}@champion", "--input", "data/sample/eval.jsonl", "--output", str(out))
         assert proc.returncode == 0, proc.stderr[-3000:]
         evaluated = [json.loads(line) for line in (project / "reports/predictions.jsonl").read_text().splitlines()]
@@ -360,12 +360,12 @@ def test_bad_data_stops_at_validate_and_touches_nothing(pipeline_run, client):
 def test_interactive_chat_streams_an_answer_from_the_champion(pipeline_run):
     project = pipeline_run["project"]
     item = json.loads((project / "data/sample/eval.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    from pipeline.formats import render_choices
+    from pipeline.data.formats import render_choices
 
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
     question = params["task"]["user_template"].format(passage=item["passage"], question=item["question"],
                                                       choices=render_choices(item["choices"]))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.interactive", "--model-uri", f"models:/{MODEL_NAME}@champion",
+    proc = subprocess.run([sys.executable, "-m", "pipeline.commands.chat", "--model-uri", f"models:/{MODEL_NAME}@champion",
                            "--max-new-tokens", "8"], cwd=project, env=venv_env(MLFLOW_TRACKING_URI=pipeline_run["uri"]),
                           capture_output=True, text=True, timeout=300, input=question.replace("\n", "\\n") + "\n\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -424,19 +424,19 @@ def test_readme_commands_run_as_written_without_the_venv_on_path(pipeline_run, c
     pipeline_run["before_experiment"] = tmp_path / "before-experiment"
     commands = readme_commands()
     assert [c.split()[1] if c.startswith(".venv/bin/dvc") else c.split()[2] for c in commands] == \
-        ["exp", "exp", "metrics", "pipeline.predict", "pipeline.interactive", "pipeline.merge", "pipeline.rollback",
-         "pipeline.reproduce"], commands
+        ["exp", "exp", "metrics", *(f"pipeline.commands.{m}" for m in ("predict", "chat", "merge", "rollback", "reproduce"))], \
+        commands
     results = {}
     for command in commands:
-        if "pipeline.reproduce" in command:
+        if "pipeline.commands.reproduce" in command:
             continue
-        stdin = "지문을 읽고 답하세요\n\n" if "pipeline.interactive" in command else ""
+        stdin = "지문을 읽고 답하세요\n\n" if "pipeline.commands.chat" in command else ""
         proc = subprocess.run(["bash", "-c", command], cwd=project, env=bare_env(pipeline_run["uri"]), input=stdin,
                               capture_output=True, text=True, timeout=900)
         results[command.split()[2] if command.startswith(".venv/bin/python") else " ".join(command.split()[:3])] = proc
         output = proc.stdout + proc.stderr
         assert "ModuleNotFoundError" not in output and "Traceback" not in output, (command, output[-3000:])
-        if "pipeline.rollback" in command:
+        if "pipeline.commands.rollback" in command:
             # Rolling back needs a previous champion: there is one only if the experiment was promoted.
             promoted = "previous_champion" in client.get_model_version_by_alias(MODEL_NAME, "champion").tags
             assert proc.returncode == (0 if promoted else 2), (command, output[-3000:])
@@ -451,12 +451,12 @@ def test_readme_commands_run_as_written_without_the_venv_on_path(pipeline_run, c
     assert "max_steps" in results[".venv/bin/dvc exp show"].stdout
     assert "metrics/eval.json" in results[".venv/bin/dvc metrics diff"].stdout  # the experiment changed its metrics
     assert len((project / "preds.jsonl").read_text().splitlines()) == 150
-    assert "chat with models:/" in results["pipeline.interactive"].stderr
+    assert "chat with models:/" in results["pipeline.commands.chat"].stderr
     # merge: a plain model directory whose weights carry the adapter, checked against base+adapter logits.
     import torch
     from transformers import AutoModelForCausalLM
 
-    assert "max abs logit difference" in results["pipeline.merge"].stdout
+    assert "max abs logit difference" in results["pipeline.commands.merge"].stdout
     merged = AutoModelForCausalLM.from_pretrained(project / "models/merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
     base = AutoModelForCausalLM.from_pretrained(project / "models/dapt")
@@ -473,7 +473,7 @@ def test_two_concurrent_registrations_are_decided_one_after_the_other(pipeline_r
 
     dirs = [pipeline_run["before_experiment"], pipeline_run["project"]]
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.register"], cwd=d, env=venv_env(MLFLOW_TRACKING_URI=uri),
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.stages.register"], cwd=d, env=venv_env(MLFLOW_TRACKING_URI=uri),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for d in dirs]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
@@ -483,7 +483,7 @@ def test_two_concurrent_registrations_are_decided_one_after_the_other(pipeline_r
     assert sorted(versions) == ["1", "2"] and all("promotion" in v.tags for v in versions.values())
     # Replay the gate in registration order (version numbers follow the lock): what the registry must show.
     from pipeline.config import load_params
-    from pipeline.register import promotion_decision
+    from pipeline.registry.gate import promotion_decision
 
     params = load_params(dirs[0] / "params.yaml")  # the register section is the same in both checkouts
     metrics = {n: {k.removeprefix("metric."): float(t) for k, t in v.tags.items() if k.startswith("metric.")}
@@ -497,7 +497,7 @@ def test_two_concurrent_registrations_are_decided_one_after_the_other(pipeline_r
     if second and first:  # the second decision saw the first champion: without the lock it would not have
         assert champion.tags["previous_champion"] == "1", champion.tags
         assert "champion numbers: registered tags of version 1" in champion.tags["promotion"]
-        proc = subprocess.run([sys.executable, "-m", "pipeline.rollback"], cwd=dirs[0], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "pipeline.commands.rollback"], cwd=dirs[0], capture_output=True,
                               text=True, env=venv_env(MLFLOW_TRACKING_URI=uri))
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"

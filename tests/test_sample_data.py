@@ -4,7 +4,7 @@ import collections
 import json
 
 from pipeline.config import load_params
-from pipeline.sample_data import generate
+from pipeline.data.synthetic import generate
 
 
 def _rows(path):

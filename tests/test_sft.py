@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_world) -> Path:
     """A project dir with a tiny base, validated data (data/processed) and params for short SFT runs."""
-    from pipeline import validate
+    from pipeline.stages import validate
 
     root = tiny_world.link_into(tmp_path_factory.mktemp("sft"), data="data/sample", base="models/base")
     (root / "data").mkdir(exist_ok=True)
@@ -84,7 +84,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-# The four ways to train: plain, NEFTune (random noise), FGM and PGD (gradient-directed, pipeline/adversarial.py).
+# The four ways to train: plain, NEFTune (random noise), FGM and PGD (gradient-directed, pipeline/training/adversarial.py).
 TRAINING_METHODS = {
     "plain": {},
     "neftune": {"neftune_noise_alpha": 5.0},
@@ -145,11 +145,11 @@ class Interrupt(Exception):
 def test_a_checkpoint_of_another_run_is_refused(project, tmp_path):
     from transformers import TrainerCallback
 
-    from pipeline.chat import chat_tokenizer
+    from pipeline.modeling.chat_template import chat_tokenizer
     from pipeline.config import Params
-    from pipeline.data import DataError
-    from pipeline.formats import read_examples
-    from pipeline.sft import resume_point, run_identity, train_adapter
+    from pipeline.errors import DataError
+    from pipeline.data.formats import read_examples
+    from pipeline.training.sft import resume_point, run_identity, train_adapter
 
     class StopAfterFirstCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -178,8 +178,8 @@ def test_a_checkpoint_of_another_run_is_refused(project, tmp_path):
 def test_the_stage_selects_on_validation_never_on_eval(project, monkeypatch):
     """Held-out loss, early stopping and the best checkpoint see the validation split, and the checkpoint identity
     covers it; eval (accuracy, promotion) never reaches training."""
-    from pipeline import sft
-    from pipeline.data import read_jsonl
+    from pipeline.stages import sft
+    from pipeline.data.readers import read_jsonl
 
     seen = {}
 
@@ -204,8 +204,8 @@ def test_the_stage_selects_on_validation_never_on_eval(project, monkeypatch):
 
 
 def test_preflight_refuses_an_over_budget_config(project, monkeypatch, capsys):
-    from pipeline import sft
-    from pipeline.config import run_cli
+    from pipeline.stages import sft
+    from pipeline.cli import run_cli
 
     write_params(project, params_with(project, out_dir="models/e", max_memory_gb=0.001))
     monkeypatch.chdir(project)
@@ -219,9 +219,9 @@ def test_preflight_refuses_an_over_budget_config(project, monkeypatch, capsys):
 
 
 def test_preflight_counts_match_the_real_model(project):
-    from pipeline.modeling import load_causal_lm
-    from pipeline.preflight import preflight
-    from pipeline.sft import peft_config
+    from pipeline.modeling.loading import load_causal_lm
+    from pipeline.training.preflight import preflight
+    from pipeline.training.sft import peft_config
 
     params = load_params(project / "params.yaml")
     for method in ("lora", "dora", "prompt_tuning"):
@@ -323,10 +323,10 @@ class BatchRecorder:
 
 
 def train_variant(project: Path, out: Path, variant: dict, recorder: BatchRecorder) -> dict:
-    from pipeline.chat import chat_tokenizer
+    from pipeline.modeling.chat_template import chat_tokenizer
     from pipeline.config import Params
-    from pipeline.formats import read_examples
-    from pipeline.sft import train_adapter
+    from pipeline.data.formats import read_examples
+    from pipeline.training.sft import train_adapter
 
     params = Params.model_validate(params_with(project, **{"max_steps": 8, "save_steps": None, **variant}))
     processed = project / "data/processed"

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from pipeline.base import build_tiny_base
+from pipeline.modeling.tiny import build_tiny_base
 from pipeline.config import TinyModelParams, load_params
-from pipeline.data import read_records
-from pipeline.formats import Example, to_example
+from pipeline.data.readers import read_records
+from pipeline.data.formats import Example, to_example
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_default_base_is_the_committed_bytes(tmp_path):
 
 
 def test_dapt_full_training_lowers_domain_loss(tiny):
-    from pipeline.dapt import continued_pretraining
+    from pipeline.training.dapt import continued_pretraining
 
     root, params = tiny
     log = continued_pretraining(root / "base", lines(root / "data/domain_train.txt"), params.dapt, params.seed,
@@ -135,7 +135,7 @@ def test_dapt_full_training_lowers_domain_loss(tiny):
 def test_dapt_lora_is_merged_into_a_plain_model(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.dapt import continued_pretraining
+    from pipeline.training.dapt import continued_pretraining
 
     root, params = tiny
     dapt = params.dapt.model_copy(update={"method": "lora", "max_steps": 4})
@@ -149,8 +149,8 @@ def test_sft_writes_an_adapter_plain_peft_loads(tiny, tmp_path, quantization):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline.chat import chat_tokenizer
-    from pipeline.sft import train_adapter
+    from pipeline.modeling.chat_template import chat_tokenizer
+    from pipeline.training.sft import train_adapter
 
     root, params = tiny
     params = params.model_copy(update={"sft": params.sft.model_copy(update={"quantization": quantization})})
@@ -172,8 +172,8 @@ def test_sft_batches_carry_exactly_the_masked_answer_tokens(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.chat import chat_tokenizer
-    from pipeline.sft import training_rows
+    from pipeline.modeling.chat_template import chat_tokenizer
+    from pipeline.training.sft import training_rows
 
     root, params = tiny
     tokenizer = chat_tokenizer(root / "base")
@@ -191,9 +191,8 @@ def test_sft_batches_carry_exactly_the_masked_answer_tokens(tiny, tmp_path):
 
 
 def test_option_scoring_and_perplexity(tiny):
-    from pipeline.evaluate import (choose, masked_logprobs, option_logprobs, option_sequences, perplexity,
-                                   prefix_sharing_fits)
-    from pipeline.modeling import load_causal_lm, load_tokenizer
+    from pipeline.evaluation.scoring import choose, masked_logprobs, option_logprobs, option_sequences, perplexity, prefix_sharing_fits
+    from pipeline.modeling.loading import load_causal_lm, load_tokenizer
 
     root, params = tiny
     tokenizer, model = load_tokenizer(root / "base"), load_causal_lm(root / "base").eval()
@@ -222,7 +221,7 @@ def test_option_scoring_and_perplexity(tiny):
 
 
 def test_accuracy_interval_is_the_wilson_score_interval():
-    from pipeline.evaluate import accuracy_ci95
+    from pipeline.evaluation.statistics import accuracy_ci95
 
     low, high = accuracy_ci95(119, 150)  # the reference run's tuned accuracy, 0.7933 of 150 items
     assert (round(low, 4), round(high, 4)) == (0.7216, 0.8504)  # Wilson: (p + z²/2n ± z√(p(1-p)/n + z²/4n²)) / (1 + z²/n)
@@ -235,8 +234,8 @@ def test_a_prompt_tuning_adapter_is_scored_at_the_answer_not_at_its_virtual_toke
     import torch
     from peft import PromptTuningConfig, get_peft_model
 
-    from pipeline.evaluate import option_logprobs, option_sequences
-    from pipeline.modeling import load_causal_lm, load_tokenizer
+    from pipeline.evaluation.scoring import option_logprobs, option_sequences
+    from pipeline.modeling.loading import load_causal_lm, load_tokenizer
 
     root, params = tiny
     tokenizer = load_tokenizer(root / "base")

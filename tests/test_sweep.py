@@ -1,4 +1,4 @@
-"""`python -m pipeline.sweep` (what `make sweep` runs): a 2×2 grid as queued DVC experiments on the tiny model,
+"""`python -m pipeline.commands.sweep` (what `make sweep` runs): a 2×2 grid as queued DVC experiments on the tiny model,
 each its own MLflow run under the sweep's run, compared in `dvc exp show` and a chart, the best one applied
 and registered through the gate. Real DVC queue workers, real MLflow store, no mocks."""
 
@@ -41,7 +41,7 @@ def test_a_two_by_two_sweep_runs_from_one_command_and_promotes_its_best(project_
 
     small_project(project_copy, tiny_world)
     uri = venv_env()["MLFLOW_TRACKING_URI"]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", *(a for s in GRID for a in ("-S", s))],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.commands.sweep", *(a for s in GRID for a in ("-S", s))],
                           cwd=project_copy, env=venv_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((project_copy / "reports/sweep.json").read_text(encoding="utf-8"))

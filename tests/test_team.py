@@ -1,5 +1,5 @@
 """The team path on real servers, on loopback: PostgreSQL, an MLflow server and a Prefect server on it, two
-process workers each in its own checkout (pipeline/team.py, prefect.yaml). No emulator, no mock.
+process workers each in its own checkout (flows/team.py, prefect.yaml). No emulator, no mock.
 
 - Two triggered deployment runs train, register and report; their model stages never overlap (the Prefect
   global concurrency limit; the runs are in different checkouts, so no file lock can be what orders them).
@@ -42,7 +42,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def team():
-    from pipeline.team import Team, group_members
+    from flows.team import Team
+    from flows.processes import group_members
 
     # PostgreSQL runs as the `postgres` user when the tests run as root: it must be able to enter the directory.
     root = Path(tempfile.mkdtemp(prefix="team-test-", dir="/tmp"))
@@ -238,14 +239,14 @@ def test_concurrent_registrations_keep_every_promotion_in_the_chain_then_rollbac
     print(f"without the registry lock: {unlocked} of {RACE_ROUNDS} rounds lost a promotion from the chain")
 
     env = venv_env(**server.urls())
-    rollback = subprocess.run([sys.executable, "-m", "pipeline.rollback", "--model-name", "race-locked"],
+    rollback = subprocess.run([sys.executable, "-m", "pipeline.commands.rollback", "--model-name", "race-locked"],
                               cwd=checkouts[0], env=env, capture_output=True, text=True, timeout=120)
     assert rollback.returncode == 0, rollback.stderr[-3000:]
     assert client.get_model_version_by_alias("race-locked", "champion").version == chain[1]
 
     # predict from the real pipeline's champion (the deployment test registered it), through the server.
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")  # raises if the gate promoted neither
-    predict = subprocess.run([sys.executable, "-m", "pipeline.predict", "--model-uri", f"models:/{MODEL_NAME}@champion",
+    predict = subprocess.run([sys.executable, "-m", "pipeline.commands.predict", "--model-uri", f"models:/{MODEL_NAME}@champion",
                               "--input", "data/sample/eval.jsonl"], cwd=checkouts[0], env=env, capture_output=True,
                              text=True, timeout=300)
     assert predict.returncode == 0, predict.stderr[-3000:]

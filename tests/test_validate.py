@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipeline.config import Params
-from pipeline.validate import validate_datasets, write_processed
+from pipeline.data.validation import validate_datasets, write_processed
 from tests.conftest import TINY_SAMPLE as N
 
 
@@ -161,7 +161,7 @@ def test_a_record_that_grows_in_normalisation_is_still_read_downstream(root, tmp
     """An MCQ line just under validate.max_record_bytes becomes a longer chat line (system prompt, template,
     choices twice); the manifest records the longest processed line, so the later stages' readers, given the
     same params, accept it rather than refusing data the gate passed."""
-    from pipeline.formats import read_examples
+    from pipeline.data.formats import read_examples
 
     train = root / "data/train.jsonl"
     items = rows(train)
@@ -281,7 +281,7 @@ def run_entry_point(root: Path, mlflow_uri: str) -> subprocess.CompletedProcess:
     raw = params_for(root).model_dump(by_alias=True)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_uri}
-    return subprocess.run([sys.executable, "-m", "pipeline.validate"], cwd=root, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.stages.validate"], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -1,0 +1,112 @@
+"""Reading the model registry: a version by URI, the base it was trained on, its own task params.
+
+Shared by everything that loads a registered adapter (predict, chat, evaluate's champion, reproduce)
+and by register, which adopts a version already made for the same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+from pipeline.config import TaskParams
+from pipeline.errors import DataError
+from pipeline.modeling.loading import (
+    load_causal_lm,
+    local_base,
+    model_fingerprint,
+    template_fingerprint,
+)
+
+
+def existing_version(client, name: str, adapter_sha256: str):
+    """The registered version of this very adapter, if an earlier (or interrupted) registration made one."""
+    import mlflow
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    same = [v for v in versions if v.tags.get("adapter_sha256") == adapter_sha256]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def model_version(client, model_uri: str):
+    """The registry entry of models:/<name>@<alias> or models:/<name>/<version>."""
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = ref.partition("/")
+    if not version:
+        raise DataError(f"{model_uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return client.get_model_version(name, version)
+
+
+def version_task(version) -> TaskParams | None:
+    """The `task` params the version was trained with (how an MCQ item becomes a prompt), from its params_json."""
+    raw = version.tags.get("params_json")
+    return TaskParams.model_validate(json.loads(raw)["task"]) if raw else None
+
+
+def registered_base(version, local: Path) -> tuple[str, str | None]:
+    """(local directory or hub id, revision) of the base the version's adapter sits on, checked by sha256.
+
+    A logged base artifact (`runs:/...`) is the version's own copy; a hub base comes with the revision it
+    was trained on (never the hub's latest). Versions registered before bases were logged point at the
+    path MLflow recorded, which must still hash to the registered sha256."""
+    uri, expected = version.tags.get("adapter_base_uri"), version.tags.get("adapter_base_sha256")
+    revision = version.tags.get("adapter_base_revision")
+    revision = None if revision in (None, "None") else revision
+    where = f"models:/{version.name}/{version.version}"
+    if uri and uri.startswith("runs:/"):
+        try:
+            return str(local_base(uri, expected)), None
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{where}: its base artifact cannot be used: {exc}") from None
+    if uri and uri.startswith("hub:"):
+        return uri.removeprefix("hub:"), revision
+    flavor = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))["flavors"]["transformers"]
+    base = flavor.get("local_base_model_path") or flavor["source_model_name"]
+    if expected and Path(base).is_dir() and model_fingerprint(base) != expected:
+        raise DataError(f"{where}: the base model at {base} changed since the version was registered (sha256 "
+                        f"{expected[:12]}...); restore it (git checkout + dvc checkout of the version's commit "
+                        f"{version.tags.get('git_commit', '?')[:12]}) or reproduce the version")
+    return base, revision
+
+
+class Loaded(NamedTuple):
+    model: object  # base + adapter (peft), in eval mode
+    tokenizer: object  # the adapter's, with the chat template it was trained with
+    version: object  # the registry's ModelVersion
+    base: str  # local directory or hub id of the base
+    revision: str | None  # the hub revision of the base (None for a local one)
+
+
+def load_registered(model_uri: str) -> Loaded:
+    """A registered adapter on its own base, quantized as it was trained."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        version = model_version(MlflowClient(), model_uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise DataError(f"{model_uri}: not in the registry ({exc.message})") from None
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}"))
+    base, revision = registered_base(version, local)
+    tokenizer = AutoTokenizer.from_pretrained(local / "components" / "tokenizer")
+    expected = version.tags.get("chat_template_sha256")
+    if expected and template_fingerprint(tokenizer) != expected:
+        raise DataError(f"{model_uri}: the tokenizer's chat template or special tokens differ from the ones the "
+                        f"adapter was trained with (fingerprint {expected[:12]}...); prompts would not match training")
+    model = load_causal_lm(base, version.tags.get("sft.quantization", "none"),
+                           version.tags.get("sft.double_quant", "True") == "True",
+                           version.tags.get("sft.compute_dtype", "float32"), revision=revision)
+    model = PeftModel.from_pretrained(model, str(local / "peft")).eval()
+    return Loaded(model, tokenizer, version, base, revision)

@@ -1,0 +1,260 @@
+"""Supervised fine-tuning (QLoRA by default) with assistant-only loss on the chat template.
+
+The model (the DAPT output, or the base when DAPT is off) is loaded through bitsandbytes (nf4/fp4
+with optional double quant, or LLM.int8, or unquantized for plain LoRA), prepared with
+`prepare_model_for_kbit_training`, and trained with TRL's SFTTrainer and a peft config: LoRA
+(optionally rsLoRA), DoRA, or prompt tuning.
+
+Loss falls on the assistant turns only, for every template: the validated chats (data/processed)
+are tokenized here with `pipeline.modeling.chat_template.encode_chat`, which finds each answer span from the template's
+own rendering (real templates have no `{% generation %}` markers, and TRL cannot patch them all), and
+go to SFTTrainer pre-tokenized with their `assistant_masks`. The label audit in the validate stage
+ran the same function. The chat template must be the one the data was validated with (fingerprint).
+
+Before any weight is loaded, a preflight (pipeline/training/preflight.py) prints parameter counts, a memory
+estimate and token counts, and stops when the estimate exceeds `sft.max_memory_gb`.
+
+Checkpoints (every `sft.save_steps`) go to `sft.checkpoint_dir` with the identity of the run (params,
+data and base hashes): rerunning after a crash resumes from the last one and ends with the same
+adapter bytes as an uninterrupted run; a checkpoint of another run is refused (or, with
+`sft.resume: fresh`, discarded). Held-out loss and answer-token accuracy are measured every
+`sft.eval_steps` (optionally with early stopping and the best checkpoint) on the validation split, never
+on eval: eval reports accuracy and decides promotion, so model selection must not have seen it.
+Under `torchrun --nproc_per_node N` or `accelerate launch --config_file configs/accelerate/ddp.yaml` the
+same params train data-parallel (gloo on CPUs); only rank 0 writes and logs.
+
+The output is an adapter directory (with the tokenizer and template) that plain
+`PeftModel.from_pretrained` loads.
+
+The `sft` stage (pipeline/stages/sft.py) reads params and data and calls `train_adapter`; this module is
+the recipe. Over 250 lines because the recipe, its run identity and its resume logic belong together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.artifacts import RUN_IDENTITY
+from pipeline.config import Params, SftParams
+from pipeline.data.formats import Example, read_examples
+from pipeline.errors import DataError
+from pipeline.modeling.chat_template import encode_chat
+from pipeline.modeling.loading import (
+    load_causal_lm,
+    model_fingerprint,
+    resolve_model,
+    save_atomically,
+)
+from pipeline.tracking import loss_history
+
+
+def training_rows(examples: list[Example], tokenizer) -> list[dict]:
+    """Token ids and assistant-only masks of every example (a chat may give one sequence per answer)."""
+    return [{"input_ids": enc.input_ids, "assistant_masks": enc.assistant_masks}
+            for e in examples for enc in encode_chat(tokenizer, e.messages)]
+
+
+class StableAdapterConfig:
+    """Saved after the adapter: peft writes `target_modules` from a set (e.g. the expansion of all-linear),
+    whose order changes with Python's hash seed, so the same adapter would get a different directory hash
+    (DVC, lineage tags) in every process. Sorting it keeps the whole directory byte-identical."""
+
+    def save_pretrained(self, directory) -> None:
+        path = Path(directory) / "adapter_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def peft_config(sft: SftParams, model_dir: Path):
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
+
+    if sft.method == "prompt_tuning":
+        init = sft.prompt_tuning.init_text
+        return PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=sft.prompt_tuning.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT if init else PromptTuningInit.RANDOM,
+            prompt_tuning_init_text=init, tokenizer_name_or_path=resolve_model(model_dir)[0] if init else None)
+    return LoraConfig(r=sft.lora.r, lora_alpha=sft.lora.alpha, lora_dropout=sft.lora.dropout,
+                      target_modules=sft.lora.target_modules, use_rslora=sft.lora.use_rslora,
+                      use_dora=sft.method == "dora", bias="none", task_type="CAUSAL_LM")
+
+
+def run_identity(params: Params, model_dir: Path, data_files: list[Path]) -> dict:
+    """What a checkpoint must match to be resumed: the training params, the data and the base."""
+    relevant = {"seed": params.seed, "sft": params.sft.model_dump(exclude={"resume", "checkpoint_dir", "out_dir"}),
+                "chat_template": params.task.chat_template}
+    name, revision = resolve_model(model_dir)
+    return {"params_sha256": hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest(),
+            "data_sha256": hashlib.sha256(b"".join(f.read_bytes() for f in data_files)).hexdigest(),
+            "base": f"{model_fingerprint(name)}@{revision}"}
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest checkpoint whose save finished. Trainer writes trainer_state.json last, so a run killed
+    while saving leaves a checkpoint without a readable one: it is skipped, and the one before is used."""
+    steps = sorted((int(p.name.split("-")[1]), p) for p in checkpoint_dir.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            print(f"sft: {path} is incomplete (killed while saving?); skipping it")
+            continue
+        return str(path)
+    return None
+
+
+def resume_point(checkpoint_dir: Path, identity: dict, resume: str) -> str | None:
+    """The checkpoint to resume from, None to start fresh; refuses a checkpoint of another run."""
+    if resume == "fresh" or not checkpoint_dir.is_dir():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return None
+    stored = checkpoint_dir / RUN_IDENTITY
+    last = last_complete_checkpoint(checkpoint_dir)
+    if last is None:
+        return None
+    found = json.loads(stored.read_text(encoding="utf-8")) if stored.is_file() else {}
+    changed = [k for k in identity if found.get(k) != identity[k]]
+    if changed:
+        raise DataError(f"{checkpoint_dir}: the checkpoints were written by a run with different "
+                        f"{', '.join(k.removesuffix('_sha256') for k in changed)}; resuming would mix two runs. "
+                        "Set sft.resume: fresh (or delete the directory) to start over")
+    return last
+
+
+def answer_accuracy(eval_pred) -> dict:
+    """Share of answer tokens predicted exactly (the labels that are not -100), from argmax ids."""
+    predictions, labels = eval_pred
+    predictions = predictions[:, predictions.shape[1] - labels.shape[1]:]  # prompt tuning prepends virtual tokens
+    shifted_pred, shifted_labels = predictions[:, :-1], labels[:, 1:]
+    mask = shifted_labels != -100
+    return {"answer_token_accuracy": float((shifted_pred[mask] == shifted_labels[mask]).mean()) if mask.any() else 0.0}
+
+
+def argmax_logits(logits, labels):
+    return logits.argmax(dim=-1)  # keeps evaluation memory at batch × length, not × vocab
+
+
+def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: Params, out_dir: Path,
+                  eval_examples: list[Example] | None = None, checkpoint_dir: Path | None = None,
+                  identity: dict | None = None, callbacks: list | None = None) -> dict:
+    """Train an adapter and save it (atomically) to out_dir; return the train and eval loss logs."""
+    import torch
+    from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    sft = params.sft
+    # seed
+    set_seed(params.seed)
+    # data: pre-tokenized with the assistant-only masks
+    dataset = Dataset.from_list(training_rows(examples, tokenizer))
+    eval_dataset = Dataset.from_list(training_rows(eval_examples, tokenizer)) if eval_examples and sft.eval_steps else None
+    # model: quantized base + adapter
+    model = load_causal_lm(model_dir, sft.quantization, sft.double_quant, sft.compute_dtype)
+    if sft.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=sft.gradient_checkpointing)
+    # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for a faster kernel at its first
+    # no-grad forward (the held-out evals) and trains on that kernel from then on: a run resumed after a
+    # checkpoint would train with the other kernel until its next eval and end with other bytes (measured: the
+    # resume test failed on such a CPU). One kernel for the whole run keeps resume exact on every CPU.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    # trainer
+    work = Path(checkpoint_dir) if checkpoint_dir else Path(out_dir).parent / f".{Path(out_dir).name}-work"
+    resume = resume_point(work, identity or {}, sft.resume) if sft.save_steps else None
+    work.mkdir(parents=True, exist_ok=True)
+    if identity is not None and is_main_process():
+        (work / RUN_IDENTITY).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    config = SFTConfig(
+        output_dir=str(work),
+        max_steps=sft.max_steps,
+        per_device_train_batch_size=sft.batch_size,
+        per_device_eval_batch_size=sft.batch_size,
+        gradient_accumulation_steps=sft.gradient_accumulation_steps,
+        learning_rate=sft.learning_rate,
+        lr_scheduler_type=sft.lr_scheduler,
+        warmup_steps=sft.warmup_ratio,
+        max_length=sft.max_length,
+        packing=sft.packing,
+        packing_strategy=sft.packing_strategy,
+        neftune_noise_alpha=sft.neftune_noise_alpha,
+        gradient_checkpointing=sft.gradient_checkpointing,
+        bf16=sft.compute_dtype == "bfloat16",
+        fp16=sft.compute_dtype == "float16",
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        logging_steps=sft.logging_steps,
+        eval_strategy="steps" if eval_dataset is not None else "no",
+        eval_steps=sft.eval_steps,
+        save_strategy="steps" if sft.save_steps else "no",
+        save_steps=sft.save_steps or 500,
+        save_total_limit=2 if sft.early_stopping_patience is None else None,
+        load_best_model_at_end=sft.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss",
+        report_to="none",
+        seed=params.seed,
+        data_seed=params.seed,
+        disable_tqdm=not is_main_process(),
+    )
+    callbacks = list(callbacks or []) + ([EarlyStoppingCallback(sft.early_stopping_patience)]
+                                         if sft.early_stopping_patience else [])
+    trainer_class, extra = SFTTrainer, {}
+    if sft.adversarial.method:  # FGM / PGD on the input embeddings (pipeline/training/adversarial.py)
+        from pipeline.training.adversarial import AdversarialSFTTrainer
+
+        trainer_class, extra = AdversarialSFTTrainer, {"adversarial": sft.adversarial}
+    trainer = trainer_class(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+                            processing_class=tokenizer, peft_config=peft_config(sft, model_dir), callbacks=callbacks,
+                            compute_metrics=answer_accuracy if eval_dataset is not None else None,
+                            preprocess_logits_for_metrics=argmax_logits if eval_dataset is not None else None, **extra)
+    # TRL casts a quantized model's adapter to bf16 (QLoRA paper, a GPU memory saving), but a resumed run
+    # reloads the checkpointed adapter in fp32 (peft's autocast_adapter_dtype), so an interrupted run
+    # would end with other bytes (measured: max |diff| ~1e-3 after 8 steps). The adapter's master weights
+    # stay fp32 in every run; compute still runs in sft.compute_dtype.
+    for param in trainer.model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    if is_main_process():
+        print(f"sft: {sft.method}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+              + (f"; resuming from {resume}" if resume else ""))
+        if sft.adversarial.method:
+            passes = 2 if sft.adversarial.method == "fgm" else sft.adversarial.steps + 1
+            print(f"sft: adversarial {sft.adversarial.method} on the input embeddings (epsilon {sft.adversarial.epsilon}): "
+                  f"{passes} forward/backward passes per micro-batch, about {passes}x the time of a plain step")
+        print(f"sft: world size {trainer.args.world_size} ({trainer.args.parallel_mode.value}), "
+              f"{trainer.args.train_batch_size * trainer.args.world_size * sft.gradient_accumulation_steps} "
+              "examples per optimizer step")
+    trainer.train(resume_from_checkpoint=resume)
+    # save: only the adapter (+ tokenizer, so the chat template travels with it)
+    if is_main_process():
+        save_atomically(out_dir, trainer.model, tokenizer, StableAdapterConfig())
+        shutil.rmtree(work, ignore_errors=True)  # finished: the checkpoints have served
+    history = trainer.state.log_history
+    return {"train": loss_history(trainer),
+            "eval": [{"step": e["step"], "loss": e["eval_loss"]} for e in history if "eval_loss" in e],
+            "eval_accuracy": [{"step": e["step"], "loss": e["eval_answer_token_accuracy"]}
+                              for e in history if "eval_answer_token_accuracy" in e],
+            "adversarial": [{"step": e["step"], "loss": e["adversarial_loss_increase"]}
+                            for e in history if "adversarial_loss_increase" in e]}
+
+
+def validation_examples(processed: Path, limit: int) -> list[Example]:
+    """The held-out split for eval_steps, early stopping and the best checkpoint (empty when none was carved)."""
+    path = processed / "validation.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: missing (data validated before the validation split existed); rerun the validate stage")
+    return read_examples(processed, "validation", limit) if path.stat().st_size else []
