@@ -6,7 +6,7 @@ and the time each method costs per training step.
     .venv/bin/python bench/robustness.py --max-steps 10 --out /tmp/smoke.json   # smoke test: numbers mean nothing
 
 Inputs are built exactly as the stages build them: the project's source and params (the working tree, as
-tests/conftest.py `make_project_copy` copies it) go into a throwaway git + DVC directory, and `dvc repro dapt`
+tests/helpers/project.py `make_project_copy` copies it) go into a throwaway git + DVC directory, and `dvc repro dapt`
 runs there (sample_data, base, validate, dapt) with PIPELINE_PYTHON set to this interpreter and
 MLFLOW_TRACKING_URI pointing at a sqlite file in that directory. Nothing is written into the project's own
 data/, models/, mlflow/ or dvc.lock; only the results file (--out) is.
@@ -48,9 +48,6 @@ from pathlib import Path
 
 from sft_bench import BENCH, OFFLINE, ROOT  # noqa: E402  (bench/ is the script's path; sets the offline env)
 
-# What tests/conftest.py `make_project_copy` copies: what `dvc repro` needs, no outputs, no data.
-PROJECT_DIRS = ("pipeline", "flows", "bin")
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
 WARMUP_STEPS = 5  # leading steps left out of seconds per step (allocator growth, lazy init)
 
 
@@ -85,27 +82,17 @@ def variant_params(project: Path, sft_update: dict):
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid",
-                           "-c", "commit.gpgsign=false", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout
-
-
 def copy_project(dest: Path) -> dict:
-    """The project's source and config (working tree) in dest, committed; which revision it came from."""
-    for name in PROJECT_DIRS:
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in PROJECT_FILES:
-        if (ROOT / name).exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    git(dest, "init", "-q")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-q", "-m", "project copy for bench/robustness.py")
-    return {"commit": git(ROOT, "rev-parse", "HEAD").strip(),
-            "dirty_paths": sorted(git(ROOT, "diff", "--name-only", "HEAD", "--", *PROJECT_DIRS, *PROJECT_FILES).split()
+    """The project's source and config (working tree) in dest, committed (the tests' project copy); which
+    revision it came from."""
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers.project import PROJECT_DIRS, PROJECT_FILES, git, make_project_copy
+
+    make_project_copy(dest)
+    return {"commit": git(ROOT, "rev-parse", "HEAD").stdout.strip(),
+            "dirty_paths": sorted(git(ROOT, "diff", "--name-only", "HEAD", "--", *PROJECT_DIRS, *PROJECT_FILES).stdout.split()
                                   + git(ROOT, "ls-files", "--others", "--exclude-standard", "--",
-                                        *PROJECT_DIRS, *PROJECT_FILES).split())}
+                                        *PROJECT_DIRS, *PROJECT_FILES).stdout.split())}
 
 
 def stage_env(work: Path) -> dict[str, str]:

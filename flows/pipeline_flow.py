@@ -32,7 +32,7 @@ from prefect.runtime import flow_run
 
 from flows.lock import pipeline_lock
 
-# Same names and order as the stages in dvc.yaml (tests/test_flows.py checks that they agree).
+# Same names and order as the stages in dvc.yaml (tests/integration/test_flows.py checks that they agree).
 STAGES: tuple[str, ...] = ("sample_data", "base", "validate", "dapt", "sft", "evaluate", "register")
 
 # Only `register` can fail transiently (it talks to the MLflow tracking server). Data validation and

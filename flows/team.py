@@ -17,6 +17,9 @@ which a `registry_lock` role may only connect to: registrations take a PostgreSQ
 Prefect gets a `process` work pool `training` and a global concurrency limit `training` of one slot
 (flows/pipeline_flow.py holds it around the model stages), and the deployment of prefect.yaml.
 Ports: TEAM_PG_PORT (5433), TEAM_MLFLOW_PORT (5001), TEAM_PREFECT_PORT (4201).
+
+Over 300 lines because `Team` is one lifecycle (init, start, deploy, stop) of four servers that share
+state; the process helpers are in flows/processes.py.
 """
 
 from __future__ import annotations

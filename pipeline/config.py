@@ -1,6 +1,9 @@
 """Typed params: `params.yaml` is validated here before any data or model is touched.
 
 An unknown key, a wrong type or an invalid combination is an error that names the key.
+
+Over 300 lines because it is the whole schema, one pydantic model per params.yaml section with its checks;
+split, a section's rules would sit away from the others they combine with.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import ParamsError
 from pipeline.config import load_params
+from pipeline.errors import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 

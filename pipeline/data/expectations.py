@@ -19,10 +19,10 @@ from pipeline.data.formats import (
     FIELDS,
     NON_EMPTY,
     OPTIONAL,
-    json_type,
     needs_passage,
     normalised,
 )
+from pipeline.data.readers import json_type
 from pipeline.data.splits import Split, digest, prompt_key
 from pipeline.modeling.chat_template import span_ends
 

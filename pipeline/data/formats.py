@@ -10,15 +10,13 @@ stage turns those into Great Expectations results and only records without probl
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.artifacts import PROCESSED_MANIFEST
-from pipeline.config import TaskParams
-from pipeline.data.readers import DEFAULT_MAX_RECORD_BYTES, Record, read_jsonl
+from pipeline.config import CHAT_FORMATS, TaskParams
+from pipeline.data.readers import DEFAULT_MAX_RECORD_BYTES, Record, bad_utf8, json_type, read_jsonl
 
-CHAT_FORMATS = ("mcq", "messages", "alpaca", "sharegpt")
 FORMATS = CHAT_FORMATS + ("text",)
 SUFFIXES = {"text": (".txt", ".jsonl", ".json", ".parquet")}  # chat formats: no .txt
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -36,35 +34,6 @@ OPTIONAL = {"id": ("string", "integer"), "category": ("string",), "type": ("stri
 NON_EMPTY = {"mcq": ("passage", "question"), "alpaca": ("instruction", "output"), "text": ("text",)}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 TURN_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value")}
-
-
-def json_type(value) -> str | None:
-    """JSON type name of a parsed value; None for null (the `required` rule reports it); NaN is its own type."""
-    if value is None:
-        return None
-    if isinstance(value, bool):  # before int: bool is an int subclass
-        return "boolean"
-    if isinstance(value, float):
-        return "NaN" if math.isnan(value) else "number"
-    return {int: "integer", str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def bad_utf8(value) -> str | None:
-    """A string holding a lone surrogate (JSON `\\udc80`) is not encodable as UTF-8: name where it is."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return f"not valid UTF-8 (lone surrogate at character {exc.start})"
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            if problem := bad_utf8(v):
-                return f"[{i}] {problem}"
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            if problem := bad_utf8(v):
-                return f"{k}: {problem}"
-    return None
 
 
 @dataclass

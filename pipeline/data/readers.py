@@ -10,6 +10,7 @@ turns records into chats.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,3 +159,34 @@ def write_jsonl(path: Path, rows: list[dict]) -> int:
             f.write(line)
             longest = max(longest, len(line.encode("utf-8")))
     return longest
+
+
+# What a parsed value is, before any format applies (the validate stage's type and UTF-8 rules).
+
+def json_type(value) -> str | None:
+    """JSON type name of a parsed value; None for null (the `required` rule reports it); NaN is its own type."""
+    if value is None:
+        return None
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "boolean"
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else "number"
+    return {int: "integer", str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def bad_utf8(value) -> str | None:
+    """A string holding a lone surrogate (JSON `\\udc80`) is not encodable as UTF-8: name where it is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"not valid UTF-8 (lone surrogate at character {exc.start})"
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if problem := bad_utf8(v):
+                return f"[{i}] {problem}"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if problem := bad_utf8(v):
+                return f"{k}: {problem}"
+    return None

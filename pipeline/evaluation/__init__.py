@@ -1,0 +1,1 @@
+"""Evaluation: scoring items with a model, task metrics, interval estimates."""

@@ -1,0 +1,1 @@
+"""Training: the SFT recipe, continued pretraining, adversarial training, the memory preflight."""

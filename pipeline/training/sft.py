@@ -1,33 +1,10 @@
-"""Supervised fine-tuning (QLoRA by default) with assistant-only loss on the chat template.
+"""The SFT recipe: seed, data, model, trainer, train, save (the `sft` stage, pipeline/stages/sft.py, calls it).
 
-The model (the DAPT output, or the base when DAPT is off) is loaded through bitsandbytes (nf4/fp4
-with optional double quant, or LLM.int8, or unquantized for plain LoRA), prepared with
-`prepare_model_for_kbit_training`, and trained with TRL's SFTTrainer and a peft config: LoRA
-(optionally rsLoRA), DoRA, or prompt tuning.
-
-Loss falls on the assistant turns only, for every template: the validated chats (data/processed)
-are tokenized here with `pipeline.modeling.chat_template.encode_chat`, which finds each answer span from the template's
-own rendering (real templates have no `{% generation %}` markers, and TRL cannot patch them all), and
-go to SFTTrainer pre-tokenized with their `assistant_masks`. The label audit in the validate stage
-ran the same function. The chat template must be the one the data was validated with (fingerprint).
-
-Before any weight is loaded, a preflight (pipeline/training/preflight.py) prints parameter counts, a memory
-estimate and token counts, and stops when the estimate exceeds `sft.max_memory_gb`.
-
-Checkpoints (every `sft.save_steps`) go to `sft.checkpoint_dir` with the identity of the run (params,
-data and base hashes): rerunning after a crash resumes from the last one and ends with the same
-adapter bytes as an uninterrupted run; a checkpoint of another run is refused (or, with
-`sft.resume: fresh`, discarded). Held-out loss and answer-token accuracy are measured every
-`sft.eval_steps` (optionally with early stopping and the best checkpoint) on the validation split, never
-on eval: eval reports accuracy and decides promotion, so model selection must not have seen it.
-Under `torchrun --nproc_per_node N` or `accelerate launch --config_file configs/accelerate/ddp.yaml` the
-same params train data-parallel (gloo on CPUs); only rank 0 writes and logs.
-
-The output is an adapter directory (with the tokenizer and template) that plain
-`PeftModel.from_pretrained` loads.
-
-The `sft` stage (pipeline/stages/sft.py) reads params and data and calls `train_adapter`; this module is
-the recipe. Over 250 lines because the recipe, its run identity and its resume logic belong together.
+The model is loaded through bitsandbytes as `sft.quantization` says and trained with TRL's SFTTrainer and
+a peft config (LoRA, rsLoRA, DoRA or prompt tuning), on chats pre-tokenized with their assistant-only masks
+(`pipeline.modeling.chat_template.encode_chat`, the function the label audit ran). Checkpoints carry the
+run's identity (params, data and base hashes): only the same run resumes, and a resumed run ends with the
+same adapter bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -149,19 +126,45 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
                   eval_examples: list[Example] | None = None, checkpoint_dir: Path | None = None,
                   identity: dict | None = None, callbacks: list | None = None) -> dict:
     """Train an adapter and save it (atomically) to out_dir; return the train and eval loss logs."""
-    import torch
-    from datasets import Dataset
-    from peft import prepare_model_for_kbit_training
-    from transformers import EarlyStoppingCallback, set_seed
-    from trl import SFTConfig, SFTTrainer
+    from transformers import set_seed
 
     sft = params.sft
     # seed
     set_seed(params.seed)
     # data: pre-tokenized with the assistant-only masks
+    dataset, eval_dataset = training_datasets(examples, eval_examples if sft.eval_steps else None, tokenizer)
+    # model: quantized base (the adapter is added by the trainer from peft_config)
+    model = training_model(model_dir, sft)
+    # checkpoints: resume only a run of the same identity
+    work = Path(checkpoint_dir) if checkpoint_dir else Path(out_dir).parent / f".{Path(out_dir).name}-work"
+    resume = resume_point(work, identity or {}, sft.resume) if sft.save_steps else None
+    work.mkdir(parents=True, exist_ok=True)
+    if identity is not None and is_main_process():
+        (work / RUN_IDENTITY).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    # trainer
+    trainer = sft_trainer(model, model_dir, tokenizer, dataset, eval_dataset, params, work, callbacks)
+    report_setup(trainer, sft, resume)
+    # train
+    trainer.train(resume_from_checkpoint=resume)
+    # save: only the adapter (+ tokenizer, so the chat template travels with it)
+    if is_main_process():
+        save_atomically(out_dir, trainer.model, tokenizer, StableAdapterConfig())
+        shutil.rmtree(work, ignore_errors=True)  # finished: the checkpoints have served
+    return training_logs(trainer)
+
+
+def training_datasets(examples: list[Example], eval_examples: list[Example] | None, tokenizer):
+    from datasets import Dataset
+
     dataset = Dataset.from_list(training_rows(examples, tokenizer))
-    eval_dataset = Dataset.from_list(training_rows(eval_examples, tokenizer)) if eval_examples and sft.eval_steps else None
-    # model: quantized base + adapter
+    eval_dataset = Dataset.from_list(training_rows(eval_examples, tokenizer)) if eval_examples else None
+    return dataset, eval_dataset
+
+
+def training_model(model_dir: Path, sft: SftParams):
+    """The base loaded for training: quantized as `sft.quantization` says, prepared for k-bit training."""
+    from peft import prepare_model_for_kbit_training
+
     model = load_causal_lm(model_dir, sft.quantization, sft.double_quant, sft.compute_dtype)
     if sft.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=sft.gradient_checkpointing)
@@ -172,13 +175,15 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    # trainer
-    work = Path(checkpoint_dir) if checkpoint_dir else Path(out_dir).parent / f".{Path(out_dir).name}-work"
-    resume = resume_point(work, identity or {}, sft.resume) if sft.save_steps else None
-    work.mkdir(parents=True, exist_ok=True)
-    if identity is not None and is_main_process():
-        (work / RUN_IDENTITY).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
-    config = SFTConfig(
+    return model
+
+
+def sft_config(params: Params, work: Path, evaluates: bool):
+    import torch
+    from trl import SFTConfig
+
+    sft = params.sft
+    return SFTConfig(
         output_dir=str(work),
         max_steps=sft.max_steps,
         per_device_train_batch_size=sft.batch_size,
@@ -197,7 +202,7 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         logging_steps=sft.logging_steps,
-        eval_strategy="steps" if eval_dataset is not None else "no",
+        eval_strategy="steps" if evaluates else "no",
         eval_steps=sft.eval_steps,
         save_strategy="steps" if sft.save_steps else "no",
         save_steps=sft.save_steps or 500,
@@ -209,6 +214,16 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
         data_seed=params.seed,
         disable_tqdm=not is_main_process(),
     )
+
+
+def sft_trainer(model, model_dir: Path, tokenizer, dataset, eval_dataset, params: Params, work: Path,
+                callbacks: list | None):
+    """TRL's SFTTrainer (or its adversarial subclass) with the peft config, held-out metrics and early stopping."""
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    sft = params.sft
+    config = sft_config(params, work, eval_dataset is not None)
     callbacks = list(callbacks or []) + ([EarlyStoppingCallback(sft.early_stopping_patience)]
                                          if sft.early_stopping_patience else [])
     trainer_class, extra = SFTTrainer, {}
@@ -227,22 +242,27 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     for param in trainer.model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    return trainer
+
+
+def report_setup(trainer, sft: SftParams, resume: str | None) -> None:
+    """What is trained, how much of it, at what cost: printed once (rank 0)."""
+    if not is_main_process():
+        return
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    if is_main_process():
-        print(f"sft: {sft.method}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
-              + (f"; resuming from {resume}" if resume else ""))
-        if sft.adversarial.method:
-            passes = 2 if sft.adversarial.method == "fgm" else sft.adversarial.steps + 1
-            print(f"sft: adversarial {sft.adversarial.method} on the input embeddings (epsilon {sft.adversarial.epsilon}): "
-                  f"{passes} forward/backward passes per micro-batch, about {passes}x the time of a plain step")
-        print(f"sft: world size {trainer.args.world_size} ({trainer.args.parallel_mode.value}), "
-              f"{trainer.args.train_batch_size * trainer.args.world_size * sft.gradient_accumulation_steps} "
-              "examples per optimizer step")
-    trainer.train(resume_from_checkpoint=resume)
-    # save: only the adapter (+ tokenizer, so the chat template travels with it)
-    if is_main_process():
-        save_atomically(out_dir, trainer.model, tokenizer, StableAdapterConfig())
-        shutil.rmtree(work, ignore_errors=True)  # finished: the checkpoints have served
+    print(f"sft: {sft.method}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+          + (f"; resuming from {resume}" if resume else ""))
+    if sft.adversarial.method:
+        passes = 2 if sft.adversarial.method == "fgm" else sft.adversarial.steps + 1
+        print(f"sft: adversarial {sft.adversarial.method} on the input embeddings (epsilon {sft.adversarial.epsilon}): "
+              f"{passes} forward/backward passes per micro-batch, about {passes}x the time of a plain step")
+    print(f"sft: world size {trainer.args.world_size} ({trainer.args.parallel_mode.value}), "
+          f"{trainer.args.train_batch_size * trainer.args.world_size * sft.gradient_accumulation_steps} "
+          "examples per optimizer step")
+
+
+def training_logs(trainer) -> dict:
+    """Train loss, held-out loss and answer accuracy, and the adversarial loss increase, per logged step."""
     history = trainer.state.log_history
     return {"train": loss_history(trainer),
             "eval": [{"step": e["step"], "loss": e["eval_loss"]} for e in history if "eval_loss" in e],

@@ -1,0 +1,52 @@
+"""`pipeline.commands.run_profile`: a params profile (params-real.yaml) reaches params exactly as `dvc exp run -S` would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import TaskParams
+
+REPO = Path(__file__).resolve().parents[2]
+BOOLQ_TASK = TaskParams(system_prompt="Read the passage and answer the question.",
+                        user_template="Passage:\n{passage}\n\nQuestion:\n{question}\n\nChoices:\n{choices}\n\nAnswer:")
+CLOSED_BOOK = TaskParams(system_prompt="Answer the question.", user_template="{question}\n\n{choices}\n\nAnswer:")
+
+
+@pytest.fixture(autouse=True)
+def wheels(monkeypatch):
+    monkeypatch.setenv("PIPELINE_WHEEL_DIR", str(REPO / ".cache/wheels"))
+
+
+def test_the_real_profile_reaches_params_exactly_through_dvcs_override_parser(tmp_path):
+    """`pipeline.commands.run_profile` turns params-real.yaml into `-S` overrides; DVC's own parser (what `dvc exp run -S`
+    calls) applied to a copy of params.yaml gives exactly params.yaml merged with the profile, multi-line
+    prompts included, and the result is valid params."""
+    import shutil
+
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    from pipeline.commands.run_profile import merged, overrides
+    from pipeline.config import Params
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    sets = overrides(REPO / "params-real.yaml", tmp_path / "params.yaml")
+    apply_overrides(tmp_path / "params.yaml", sets)
+    applied = yaml.safe_load((tmp_path / "params.yaml").read_text(encoding="utf-8"))
+    profile = yaml.safe_load((REPO / "params-real.yaml").read_text(encoding="utf-8"))
+    assert applied == merged(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), profile)
+    params = Params.model_validate(applied)
+    assert params.base.model == "smollm2-135m-instruct" and "\n\nQuestion:\n" in params.task.user_template
+    assert params.registry.model_name != Params.model_validate(
+        yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))).registry.model_name
+
+
+def test_a_misspelt_profile_key_stops_before_anything_runs(tmp_path):
+    from pipeline.commands.run_profile import overrides
+    from pipeline.errors import DataError
+
+    (tmp_path / "bad.yaml").write_text("sft:\n  max_stpes: 10\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.yaml: sft.max_stpes: Extra inputs are not permitted"):
+        overrides(tmp_path / "bad.yaml", REPO / "params.yaml")

@@ -1,0 +1,84 @@
+"""The evaluate stage's scoring (pipeline/evaluation/): option log-likelihoods, perplexity and intervals against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.data.formats import Example, to_example
+from pipeline.data.readers import read_records
+
+
+def examples(path, params) -> list[Example]:
+    return [to_example(r, "mcq", params.task) for r in read_records(path)]
+
+
+def lines(path) -> list[str]:
+    return [r.value["text"] for r in read_records(path)]
+
+
+def test_option_scoring_and_perplexity(tiny):
+    from pipeline.evaluation.scoring import (
+        choose,
+        masked_logprobs,
+        option_logprobs,
+        option_sequences,
+        perplexity,
+        prefix_sharing_fits,
+    )
+    from pipeline.modeling.loading import load_causal_lm, load_tokenizer
+
+    root, params = tiny
+    tokenizer, model = load_tokenizer(root / "base"), load_causal_lm(root / "base").eval()
+    items = examples(root / "data/eval.jsonl", params)[:6]
+    scores = option_logprobs(model, tokenizer, items, 16)
+    assert len(scores) == 6 and all(len(s) == 5 and all(v < 0 for v in s) for s in scores)
+    # Batched scoring (longest first, results back in input order) equals scoring one sequence at a time.
+    single = [option_logprobs(model, tokenizer, [item], 1)[0] for item in items]
+    assert len({len(s.input_ids) for i in items for s in option_sequences(tokenizer, i)}) > 1  # lengths differ
+    assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(single, scores, strict=True))
+    # The prompt runs once per item (KV cache repeated per option) and gives every full sequence's own number.
+    assert prefix_sharing_fits(model, [option_sequences(tokenizer, i) for i in items])
+    flat = masked_logprobs(model, tokenizer, [s for i in items for s in option_sequences(tokenizer, i)], 16)
+    assert [v for s in scores for v in s] == pytest.approx([total for total, _ in flat], abs=1e-4)
+    # ... and the textbook computation: log-softmax of the full logits, summed at the masked tokens.
+    import torch
+
+    seq = option_sequences(tokenizer, items[0])[2]
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=torch.tensor([seq.input_ids])).logits[0].float(), dim=-1)
+    reference = sum(full[i - 1, seq.input_ids[i]].item() for i, bit in enumerate(seq.assistant_masks) if bit and i)
+    assert scores[0][2] == pytest.approx(reference, abs=1e-4)
+    assert all(1 <= p <= 5 for p in choose(scores))
+    ppl = perplexity(model, tokenizer, lines(root / "data/domain_eval.txt"), 32)
+    assert 1 < ppl < 10 * len(tokenizer)
+
+
+def test_accuracy_interval_is_the_wilson_score_interval():
+    from pipeline.evaluation.statistics import accuracy_ci95
+
+    low, high = accuracy_ci95(119, 150)  # the reference run's tuned accuracy, 0.7933 of 150 items
+    assert (round(low, 4), round(high, 4)) == (0.7216, 0.8504)  # Wilson: (p + z²/2n ± z√(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    assert accuracy_ci95(0, 10)[0] == 0.0 and accuracy_ci95(10, 10)[1] == 1.0  # never outside [0, 1]
+
+
+def test_a_prompt_tuning_adapter_is_scored_at_the_answer_not_at_its_virtual_tokens(tiny):
+    """PEFT prepends the soft prompt's virtual tokens, so the model's outputs for the answer come that many
+    positions later: option scoring through the adapter equals scoring its own forward by hand."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+
+    from pipeline.evaluation.scoring import option_logprobs, option_sequences
+    from pipeline.modeling.loading import load_causal_lm, load_tokenizer
+
+    root, params = tiny
+    tokenizer = load_tokenizer(root / "base")
+    model = get_peft_model(load_causal_lm(root / "base"), PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=5)).eval()
+    item = examples(root / "data/eval.jsonl", params)[0]
+    scores = option_logprobs(model, tokenizer, [item], 4)[0]
+    seq = option_sequences(tokenizer, item)[1]
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=torch.tensor([seq.input_ids])).logits[0].float(), dim=-1)
+    assert full.shape[0] == len(seq.input_ids) + 5
+    reference = sum(full[i - 1 + 5, seq.input_ids[i]].item() for i, bit in enumerate(seq.assistant_masks) if bit and i)
+    assert scores[1] == pytest.approx(reference, abs=1e-4)

