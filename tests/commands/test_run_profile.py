@@ -6,17 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TaskParams
-
 REPO = Path(__file__).resolve().parents[2]
-BOOLQ_TASK = TaskParams(system_prompt="Read the passage and answer the question.",
-                        user_template="Passage:\n{passage}\n\nQuestion:\n{question}\n\nChoices:\n{choices}\n\nAnswer:")
-CLOSED_BOOK = TaskParams(system_prompt="Answer the question.", user_template="{question}\n\n{choices}\n\nAnswer:")
 
 
-@pytest.fixture(autouse=True)
-def wheels(monkeypatch):
-    monkeypatch.setenv("PIPELINE_WHEEL_DIR", str(REPO / ".cache/wheels"))
 
 
 def test_the_real_profile_reaches_params_exactly_through_dvcs_override_parser(tmp_path):

