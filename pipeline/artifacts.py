@@ -32,6 +32,7 @@ DAPT_LOSS = Path("plots/dapt_loss.csv")
 # sft
 SFT_LOSS = Path("plots/sft_loss.csv")
 SFT_EVAL_LOSS = Path("plots/sft_eval_loss.csv")
+SFT_METRICS = Path("metrics/sft.json")  # the adapter's validation-split scores: what model selection (sweeps) reads
 # evaluate
 EVAL_METRICS = Path("metrics/eval.json")  # read by register: the gate's numbers
 PREDICTIONS = Path("reports/predictions.jsonl")

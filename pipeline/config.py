@@ -294,6 +294,9 @@ class RegisterParams(Strict):
     model_name: str = Field(min_length=1)
     gate_metric: str = Field(min_length=1)
     min_improvement: float = Field(ge=0)
+    # point: the gate metric's values must differ by min_improvement. paired_bootstrap (mcq, tuned_accuracy):
+    # the low end of the paired 95 % interval of tuned − base, and of tuned − champion, must exceed it
+    evidence: Literal["point", "paired_bootstrap"] = "point"
     guards: list[GuardParams] = []
     card: CardParams = CardParams()
 
@@ -334,6 +337,9 @@ class Params(Strict):
             if guard.higher_is_better is not None and guard.higher_is_better != higher:
                 raise ValueError(f"register.guards[{i}].higher_is_better: {guard.metric} is "
                                  f"{'higher' if higher else 'lower'}-is-better; drop the key or set it to {higher}")
+        if self.registry.evidence == "paired_bootstrap" and (fmt != "mcq" or self.registry.gate_metric != "tuned_accuracy"):
+            raise ValueError("register.evidence: paired_bootstrap compares accuracy item by item: it needs "
+                             "data.eval.format mcq and register.gate_metric tuned_accuracy (or set evidence: point)")
         metrics = {"register.gate_metric": self.registry.gate_metric,
                    **{f"register.guards[{i}].metric": g.metric for i, g in enumerate(self.registry.guards)}}
         kinds = self.evaluate.robustness.perturbations

@@ -15,12 +15,25 @@ EVAL_METRICS: dict[str, dict[str, bool]] = {
     # acc_ci95_low/high: the Wilson 95 % interval of accuracy (a gate on the low end asks for a sure gain)
     "mcq": {"accuracy": True, "acc_ci95_low": True, "acc_ci95_high": True, "generation_em": True, "eos_rate": True,
             "ppl_domain": False, "ppl_general": False,
+            # robust_acc_ci95_*: resampled by item (an item's copies are not independent trials);
+            # robust_clean_accuracy: clean accuracy on the same items, weighted as their copies (robustness_drop's base)
             "robust_accuracy": True, "robust_acc_ci95_low": True, "robust_acc_ci95_high": True,
+            "robust_clean_accuracy": True,
             **{f"robust_accuracy_{kind}": True for kind in PERTURBATIONS}},
     "chat": {"answer_loss": False, "answer_ppl": False, "generation_em": True, "rougeL": True, "eos_rate": True,
              "ppl_domain": False, "ppl_general": False},
 }
 
+
+# Two models scored on the same eval items (mcq): `<first>_vs_<second>_<stat>`, e.g. tuned_vs_base_acc_diff.
+# acc_diff: first's accuracy minus second's; its paired bootstrap 95 % interval; McNemar's exact p; wins and
+# losses: items only the first (only the second) gets right. `register.evidence: paired_bootstrap` gates on these.
+PAIRED_COMPARISONS = (("tuned", "base"), ("tuned", "champion"))
+PAIRED_STATS = ("acc_diff", "acc_diff_ci95_low", "acc_diff_ci95_high", "mcnemar_p", "wins", "losses")
+
+
+def paired_key(first: str, second: str, stat: str) -> str:
+    return f"{first}_vs_{second}_{stat}"
 
 def eval_kind(eval_format: str) -> str:
     return "mcq" if eval_format == "mcq" else "chat"

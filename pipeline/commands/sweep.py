@@ -11,9 +11,11 @@
    stages' runs nest under it), and each experiment's run gets the swept params and the eval metrics.
 4. `dvc exp show --md` of the sweep is printed and logged with a bar chart (gate metric with its 95 %
    interval, robust accuracy beside it when measured) to the sweep run.
-5. The best experiment on `register.gate_metric` (in its direction) is applied to the workspace with
-   `dvc exp apply` and registered with `dvc repro register`: the normal gate decides whether it becomes
-   champion. `--no-promote` stops after the comparison.
+5. The best experiment is chosen on the validation split, never on eval (the gate then judges it on eval:
+   selecting on the same items would bias that judgement): the highest held-out answer-token accuracy of the
+   adapter the sft stage wrote (metrics/sft.json), ties to the lower held-out loss, then to the first queued.
+   It is applied to the workspace with `dvc exp apply` and registered with `dvc repro register`: the normal
+   gate decides whether it becomes champion. `--no-promote` stops after the comparison.
 
 The workspace's params.yaml then holds the best experiment's params (commit it to keep them).
 """
@@ -31,6 +33,7 @@ import time
 import uuid
 from pathlib import Path
 
+from pipeline.artifacts import EVAL_METRICS, SFT_METRICS
 from pipeline.cli import cli_parser, run_cli
 from pipeline.config import Params, load_params
 from pipeline.env import interpreter_env
@@ -132,10 +135,16 @@ def apply_experiment(name: str, rev: str, env: dict) -> None:
     print(f"sweep: applied {name}; not checked out (not in the cache): {', '.join(failed) or 'see dvc exp apply'}")
 
 
-def eval_metrics(rev: str) -> dict:
-    """metrics/eval.json as the experiment committed it (a git-tracked metrics file)."""
-    shown = subprocess.run(["git", "show", f"{rev}:metrics/eval.json"], capture_output=True, text=True)
+def committed_metrics(rev: str, path: Path) -> dict:
+    """A metrics file as the experiment committed it (metrics/*.json are git-tracked)."""
+    shown = subprocess.run(["git", "show", f"{rev}:{path.as_posix()}"], capture_output=True, text=True)
     return json.loads(shown.stdout) if shown.returncode == 0 else {}
+
+
+def experiment_metrics(rev: str) -> dict:
+    """The experiment's eval metrics and its adapter's validation-split scores (`sft_validation_*`)."""
+    return {**committed_metrics(rev, EVAL_METRICS),
+            **{f"sft_{k}": v for k, v in committed_metrics(rev, SFT_METRICS).items()}}
 
 
 def interval(metric: str) -> tuple[str, str] | None:
@@ -146,12 +155,16 @@ def interval(metric: str) -> tuple[str, str] | None:
     return f"{stem}_low", f"{stem}_high"
 
 
-def best_experiment(results: dict[str, dict], metric: str, higher_is_better: bool) -> str | None:
-    """The experiment with the best gate metric (ties: the first queued)."""
-    scored = [(name, m[metric]) for name, m in results.items() if metric in m]
+SELECT_ON = ("sft_validation_answer_accuracy", "sft_validation_loss")  # higher accuracy, then lower loss
+
+
+def best_experiment(results: dict[str, dict]) -> str | None:
+    """The experiment whose adapter scores best on the validation split (ties: the first queued); None when
+    no experiment measured it (sft.eval_steps null)."""
+    scored = [(name, m[SELECT_ON[0]], m[SELECT_ON[1]]) for name, m in results.items() if all(k in m for k in SELECT_ON)]
     if not scored:
         return None
-    return max(scored, key=lambda item: item[1] if higher_is_better else -item[1])[0]
+    return max(scored, key=lambda item: (item[1], -item[2]))[0]
 
 
 def sweep_figure(results: dict[str, dict], metric: str):
@@ -206,7 +219,7 @@ def run_sweep(sets: list[str], jobs: int = 1, target: str = "evaluate", promote:
         for name in failed:
             logs = dvc("queue", "logs", name, env=env, check=False)
             print(f"sweep: experiment {name} failed:\n{(logs.stdout or logs.stderr)[-3000:]}", file=sys.stderr)
-        results = {n: eval_metrics(rows[n]["rev"]) for n in names if n not in failed}
+        results = {n: experiment_metrics(rows[n]["rev"]) for n in names if n not in failed}
         gate = params.registry.gate_metric
         for name, combo in queued.items():
             found = client.search_runs([experiment_id], f"tags.{RUN_KEY_TAG} = '{key}-{name}'", max_results=1)
@@ -234,14 +247,18 @@ def run_sweep(sets: list[str], jobs: int = 1, target: str = "evaluate", promote:
             fig = sweep_figure(results, gate)
             client.log_figure(parent_id, fig, "sweep/comparison.png")
             plt.close(fig)
-        best = best_experiment(results, gate, params.gate_higher_is_better())
+        best = best_experiment(results)
         summary = {"sweep_id": sweep_id, "run_id": parent_id, "experiments": names, "failed": failed,
-                   "gate_metric": gate, "scores": {n: r.get(gate) for n, r in results.items()}, "best": best,
-                   "overrides": queued}
+                   "selected_on": list(SELECT_ON), "gate_metric": gate,
+                   "validation": {n: {k: r.get(k) for k in SELECT_ON} for n, r in results.items()},
+                   "scores": {n: r.get(gate) for n, r in results.items()}, "best": best, "overrides": queued}
         if best is None:
-            raise DataError(f"sweep: no experiment produced {gate} (failed: {', '.join(failed) or 'none'})")
+            raise DataError(f"sweep: no experiment has validation scores to select on (failed: "
+                            f"{', '.join(failed) or 'none'}); set sft.eval_steps so the sft stage measures them")
         client.set_tag(parent_id, "best_experiment", best)
-        print(f"sweep: best on {gate}: {best} ({results[best][gate]:.4f})")
+        print(f"sweep: best on the validation split: {best} (answer-token accuracy "
+              f"{results[best][SELECT_ON[0]]:.4f}, loss {results[best][SELECT_ON[1]]:.4f}); its {gate} on eval "
+              f"{results[best].get(gate, float('nan')):.4f} goes to the gate")
         if promote:
             apply_experiment(best, rows[best]["rev"], env)
             register_env = {**env, "PIPELINE_RUN_KEY": f"{key}-{best}"}

@@ -18,7 +18,8 @@ from pipeline.evaluation.scoring import (
     option_logprobs,
     parse_option,
 )
-from pipeline.evaluation.statistics import accuracy_ci95, mean
+from pipeline.evaluation.statistics import accuracy_ci95, clustered_ci95, mean, paired_comparison
+from pipeline.metric_catalog import PAIRED_COMPARISONS, paired_key
 from pipeline.modeling.chat_template import encode_chat
 
 
@@ -47,9 +48,12 @@ def mcq_metrics(name: str, model, tokenizer, examples, stop_ids, params) -> tupl
     return metrics, per_item
 
 
-def robustness_metrics(name: str, model, tokenizer, examples: list[Example], params: Params) -> dict:
+def robustness_metrics(name: str, model, tokenizer, examples: list[Example], params: Params,
+                       clean_correct: list[bool] | None = None) -> dict:
     """Log-likelihood accuracy of `name` on the perturbed copies of mcq `examples` (`evaluate.robustness`):
-    pooled with its Wilson interval and per perturbation, plus each copy's item count; {} when off.
+    pooled, with a 95 % interval that resamples items (each item's copies together), and per perturbation,
+    plus each copy's item count; {} when off. With `clean_correct` (the model's results on `examples`), also
+    its clean accuracy on the same items weighted as their copies, so a drop compares like with like.
 
     The copies depend only on the items, `seed`, the task template and the robustness params, so every
     model (and a benchmark script passing any name) is scored on the very same perturbed items."""
@@ -63,9 +67,15 @@ def robustness_metrics(name: str, model, tokenizer, examples: list[Example], par
         return {}
     predictions = choose(option_logprobs(model, tokenizer, items, params.evaluate.batch_size))  # one batched pass
     correct = [p == e.answer for p, e in zip(predictions, items, strict=True)]
-    low, high = accuracy_ci95(sum(correct), len(correct))
+    by_item: dict[str, list[bool]] = defaultdict(list)
+    for example, ok in zip(items, correct, strict=True):
+        by_item[example.id].append(ok)  # a copy keeps its item's id
+    low, high = clustered_ci95(list(by_item.values()), params.seed)
     metrics = {f"{name}_robust_accuracy": mean(correct), f"{name}_robust_acc_ci95_low": low,
                f"{name}_robust_acc_ci95_high": high}
+    if clean_correct is not None:
+        clean = dict(zip((e.id for e in examples), clean_correct, strict=True))
+        metrics[f"{name}_robust_clean_accuracy"] = mean(clean[e.id] for e in items)
     start = 0
     for kind, copy in copies.items():
         if copy:
@@ -92,6 +102,20 @@ def chat_metrics(name: str, model, tokenizer, examples, stop_ids, params) -> tup
                f"{name}_generation_em": mean(exact), f"{name}_rougeL": mean(rouge),
                f"{name}_eos_rate": mean([g["stopped"] for g in generations])}
     return metrics, {f"{name}_generation": [g["text"] for g in generations]}
+
+
+def paired_metrics(examples: list[Example], per_item: dict, seed: int) -> dict[str, float]:
+    """tuned vs base and tuned vs champion on the same mcq items (pipeline/metric_catalog.py PAIRED_STATS)."""
+    correct = {name: [p == e.answer for p, e in zip(per_item[f"{name}_prediction"], examples, strict=True)]
+               for name in {n for pair in PAIRED_COMPARISONS for n in pair} if f"{name}_prediction" in per_item}
+    out = {}
+    for first, second in PAIRED_COMPARISONS:
+        if first in correct and second in correct:
+            stats = paired_comparison(correct[first], correct[second], seed)
+            out |= {paired_key(first, second, stat): stats[key] for stat, key in (
+                ("acc_diff", "diff"), ("acc_diff_ci95_low", "diff_ci95_low"), ("acc_diff_ci95_high", "diff_ci95_high"),
+                ("mcnemar_p", "mcnemar_p"), ("wins", "wins"), ("losses", "losses"))}
+    return out
 
 
 class WhitespaceTokenizer:

@@ -9,6 +9,7 @@ champion, its registered tags otherwise.
 from __future__ import annotations
 
 from pipeline.config import Params
+from pipeline.metric_catalog import PAIRED_STATS, paired_key
 
 
 def improves(new: float, old: float, margin: float, higher_is_better: bool) -> bool:
@@ -22,9 +23,31 @@ def promotion_decision(params: Params, metrics: dict, champion: dict[str, float]
 
     `champion` holds the current champion's metrics (None when there is none). The gate metric must
     beat the base and the champion by `min_improvement` in its direction (accuracy up, loss and
-    perplexity down); guard metrics may not regress against the champion by more than their tolerance.
-    The first version has no champion to guard against.
+    perplexity down): as point values (`register.evidence: point`), or with `paired_bootstrap` as the low
+    end of the paired 95 % interval of the accuracy difference on the same items. Guard metrics may not
+    regress against the champion by more than their tolerance. The first version has no champion to guard
+    against.
     """
+    gate = paired_gate if params.registry.evidence == "paired_bootstrap" else point_gate
+    promoted, reason = gate(params, metrics, champion)
+    if not promoted or champion is None:
+        return promoted, reason
+    unchecked = []
+    for guard in params.registry.guards:
+        if guard.metric not in champion or guard.metric not in metrics:
+            unchecked.append(guard.metric)
+            continue
+        old, value = champion[guard.metric], metrics[guard.metric]
+        worse = (old - value) if params.guard_higher_is_better(guard) else (value - old)
+        if worse > guard.tolerance * abs(old):
+            return False, (f"guard {guard.metric} regressed from {old:.4g} to {value:.4g} "
+                           f"(tolerance {guard.tolerance:.0%} relative)")
+    note = f"; guards not checked (no value): {', '.join(unchecked)}" if unchecked else ""
+    return True, reason + note
+
+
+def point_gate(params: Params, metrics: dict, champion: dict[str, float] | None) -> tuple[bool, str]:
+    """The gate metric's values against the base's and the champion's, by `min_improvement`."""
     gate = params.registry.gate_metric
     margin = params.registry.min_improvement
     higher = params.gate_higher_is_better()
@@ -40,18 +63,36 @@ def promotion_decision(params: Params, metrics: dict, champion: dict[str, float]
     if not improves(new, champion[gate], margin, higher):
         return False, (f"{gate}={new:.4f} does not beat the champion ({champion[gate]:.4f}) by {margin} "
                        f"({direction} is better)")
-    unchecked = []
-    for guard in params.registry.guards:
-        if guard.metric not in champion or guard.metric not in metrics:
-            unchecked.append(guard.metric)
-            continue
-        old, value = champion[guard.metric], metrics[guard.metric]
-        worse = (old - value) if params.guard_higher_is_better(guard) else (value - old)
-        if worse > guard.tolerance * abs(old):
-            return False, (f"guard {guard.metric} regressed from {old:.4g} to {value:.4g} "
-                           f"(tolerance {guard.tolerance:.0%} relative)")
-    note = f"; guards not checked (no value): {', '.join(unchecked)}" if unchecked else ""
-    return True, f"{gate}={new:.4f} beats base {base:.4f} and the champion {champion[gate]:.4f} ({direction} is better){note}"
+    return True, f"{gate}={new:.4f} beats base {base:.4f} and the champion {champion[gate]:.4f} ({direction} is better)"
+
+
+def paired_evidence(values: dict, second: str) -> str:
+    """`tuned − base +0.12 [+0.05, +0.19] (paired bootstrap 95 %), McNemar exact p 0.0011 (20 vs 2 items)`."""
+    get = {stat: values[paired_key("tuned", second, stat)] for stat in PAIRED_STATS}
+    return (f"tuned − {second} accuracy {get['acc_diff']:+.4f} [{get['acc_diff_ci95_low']:+.4f}, "
+            f"{get['acc_diff_ci95_high']:+.4f}] (paired bootstrap 95 %), McNemar exact p {get['mcnemar_p']:.3g} "
+            f"({get['wins']:.0f} items only tuned right, {get['losses']:.0f} only {second})")
+
+
+def paired_gate(params: Params, metrics: dict, champion: dict[str, float] | None) -> tuple[bool, str]:
+    """`register.evidence: paired_bootstrap`: the low end of the paired interval of tuned − base accuracy, and
+    of tuned − champion accuracy, must exceed `min_improvement`. The champion comparison exists only when the
+    evaluate stage re-scored this very champion on the same items (its registered numbers cannot be paired)."""
+    margin = params.registry.min_improvement
+    if not all(paired_key("tuned", "base", stat) in metrics for stat in PAIRED_STATS):
+        return False, "paired_bootstrap: evaluate reported no paired tuned − base comparison (mcq eval items needed)"
+    versus_base = paired_evidence(metrics, "base")
+    if not metrics[paired_key("tuned", "base", "acc_diff_ci95_low")] > margin:
+        return False, f"paired_bootstrap: {versus_base}; its lower bound does not exceed min_improvement {margin}"
+    if champion is None:
+        return True, f"paired_bootstrap: {versus_base}; lower bound above {margin}, and there is no champion yet"
+    if not all(paired_key("tuned", "champion", stat) in champion for stat in PAIRED_STATS):
+        return False, ("paired_bootstrap: no paired comparison with the current champion on these items (it was not "
+                       "re-scored in this run); not promoted")
+    versus_champion = paired_evidence(champion, "champion")
+    if not champion[paired_key("tuned", "champion", "acc_diff_ci95_low")] > margin:
+        return False, f"paired_bootstrap: {versus_champion}; its lower bound does not exceed min_improvement {margin}"
+    return True, f"paired_bootstrap: {versus_base}; {versus_champion}; both lower bounds above {margin}"
 
 
 def registered_metrics(tags: dict[str, str]) -> dict[str, float]:
@@ -76,6 +117,7 @@ def champion_metrics_for(champion, scored: dict) -> tuple[dict[str, float], str]
         return registered, (f"registered tags of version {champion.version} (evaluate scored version "
                             f"{scored.get('version')}, which is no longer the champion)")
     rescored = {k.replace("champion_", "tuned_", 1): float(v) for k, v in scored["metrics"].items()}
+    rescored |= {k: float(v) for k, v in scored.get("paired", {}).items()}  # tuned_vs_champion_*, same items
     return rescored, f"version {champion.version} re-scored in this run on the same {scored.get('n_items')} held-out items"
 
 

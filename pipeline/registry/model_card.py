@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.config import BUILTIN_TINY, Params
-from pipeline.metric_catalog import EVAL_METRICS, eval_kind
+from pipeline.metric_catalog import EVAL_METRICS, PAIRED_COMPARISONS, eval_kind, paired_key
 
 CARD_TAG = "model_card_sha256"  # set last: a version without it has no complete card yet
 DESCRIPTION_LIMIT = 5000  # characters: the registry's description column (enforced by PostgreSQL, not SQLite)
@@ -42,7 +42,8 @@ def interval_of(name: str, names: set[str]) -> str | None:
 
 def metrics_table(metrics: dict, eval_format: str) -> list[str]:
     """One row per metric, one column per model that has it; a bound pair shows as `[low, high]` after its value."""
-    by_model = {m: {k.removeprefix(f"{m}_"): v for k, v in metrics.items() if k.startswith(f"{m}_")} for m in MODELS}
+    by_model = {m: {k.removeprefix(f"{m}_"): v for k, v in metrics.items()
+                    if k.startswith(f"{m}_") and not k.startswith(f"{m}_vs_")} for m in MODELS}
     by_model["champion"].pop("version", None)
     models = [m for m in MODELS if by_model[m]]
     names = {n for m in models for n in by_model[m]}
@@ -64,7 +65,25 @@ def metrics_table(metrics: dict, eval_format: str) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     others = [f"`{k}` {fmt(int(v) if float(v).is_integer() else v)}" for k, v in sorted(metrics.items())
               if not any(k.startswith(f"{m}_") for m in MODELS) and k != "n_items"]
-    return lines + ([f"\nAlso: {', '.join(others)}."] if others else [])
+    return lines + paired_table(metrics) + ([f"\nAlso: {', '.join(others)}."] if others else [])
+
+
+def paired_table(metrics: dict) -> list[str]:
+    """The paired comparisons on the same items (mcq): difference, paired bootstrap interval, McNemar's p."""
+    rows = []
+    for first, second in PAIRED_COMPARISONS:
+        get = {stat: metrics.get(paired_key(first, second, stat)) for stat in
+               ("acc_diff", "acc_diff_ci95_low", "acc_diff_ci95_high", "mcnemar_p", "wins", "losses")}
+        if None not in get.values():
+            rows.append(f"| {first} − {second} | {get['acc_diff']:+.3f} [{get['acc_diff_ci95_low']:+.3f}, "
+                        f"{get['acc_diff_ci95_high']:+.3f}] | {get['wins']:.0f} / {get['losses']:.0f} | "
+                        f"{get['mcnemar_p']:.2g} |")
+    if not rows:
+        return []
+    return ["", "Paired on the same items (accuracy difference with its paired bootstrap 95 % interval; items only "
+            "the first / only the second gets right; McNemar's exact test):", "",
+            "| comparison | accuracy difference | only first / only second right | McNemar p |", "|---|---|---|---|",
+            *rows]
 
 
 def training_rows(params: Params, tags: dict) -> list[tuple[str, str]]:

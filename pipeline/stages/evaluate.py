@@ -26,7 +26,7 @@ from pipeline.artifacts import CHAMPION_SCORED, EVAL_METRICS, PREDICTIONS, SCORE
 from pipeline.cli import run_cli
 from pipeline.config import Params, load_params
 from pipeline.data.formats import read_examples, read_texts
-from pipeline.evaluation.metrics import chat_metrics, mcq_metrics, robustness_metrics
+from pipeline.evaluation.metrics import chat_metrics, mcq_metrics, paired_metrics, robustness_metrics
 from pipeline.evaluation.scoring import perplexity
 from pipeline.modeling.chat_template import require_fingerprint, stop_token_ids
 from pipeline.modeling.loading import load_causal_lm, load_tokenizer, resolve_model
@@ -66,7 +66,7 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
         metrics |= found
         per_item |= items
         if robust and name != "dapt":  # the gate compares tuned with base and champion; dapt is compared by none
-            metrics |= robustness_metrics(name, model, tokenizer, examples, params)
+            metrics |= robustness_metrics(name, model, tokenizer, examples, params, clean_correct(examples, items, name))
         metrics[f"{name}_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
         metrics[f"{name}_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
         del model
@@ -76,19 +76,39 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
         per_item |= items
     if dapt_is_base:
         metrics["dapt_ppl_domain"], metrics["dapt_ppl_general"] = metrics["base_ppl_domain"], metrics["base_ppl_general"]
-    gate = "accuracy" if params.data.eval.format == "mcq" else "rougeL"
-    metrics[f"{gate}_gain"] = metrics[f"tuned_{gate}"] - metrics[f"base_{gate}"]
-    if "tuned_robust_accuracy" in metrics:
-        metrics["robustness_drop"] = metrics["tuned_accuracy"] - metrics["tuned_robust_accuracy"]
-    metrics["dapt_domain_ppl_reduction"] = 1 - metrics["dapt_ppl_domain"] / metrics["base_ppl_domain"]
-    metrics["dapt_general_ppl_change"] = metrics["dapt_ppl_general"] / metrics["base_ppl_general"] - 1
-    # Forgetting of what is shipped (DAPT + adapter), relative to the base.
-    metrics["tuned_general_ppl_change"] = metrics["tuned_ppl_general"] / metrics["base_ppl_general"] - 1
+    metrics |= comparisons(params, metrics, examples, per_item, champion)
     predictions = [{"id": e.id, "source": e.source, "category": e.category,
                     **({"answer": e.answer} if e.answer is not None else {"reference": e.messages[-1]["content"]}),
                     **{key: values[i] for key, values in per_item.items()}}
                    for i, e in enumerate(examples)]
     return metrics, predictions, champion
+
+
+def clean_correct(examples, per_item: dict, name: str) -> list[bool] | None:
+    """Which items `name` answered right (mcq), for robustness on the same items; None for chat formats."""
+    predictions = per_item.get(f"{name}_prediction")
+    return None if predictions is None else [p == e.answer for p, e in zip(predictions, examples, strict=True)]
+
+
+def comparisons(params: Params, metrics: dict, examples, per_item: dict, champion: dict) -> dict:
+    """What the models' own metrics say together: gains, paired tests on the same items, perplexity changes.
+
+    The paired tuned-vs-champion numbers also go into the champion record (reports/champion.json), so the
+    register stage uses them only while that very version is still the champion."""
+    gate = score_name(params)
+    found = {f"{gate}_gain": metrics[f"tuned_{gate}"] - metrics[f"base_{gate}"]}
+    if "tuned_robust_accuracy" in metrics:  # clean vs perturbed accuracy on the same items
+        found["robustness_drop"] = metrics["tuned_robust_clean_accuracy"] - metrics["tuned_robust_accuracy"]
+    if params.data.eval.format == "mcq":
+        paired = paired_metrics(examples, per_item, params.seed)
+        found |= paired
+        if champion.get("scored"):
+            champion["paired"] = {k: v for k, v in paired.items() if k.startswith("tuned_vs_champion_")}
+    found["dapt_domain_ppl_reduction"] = 1 - metrics["dapt_ppl_domain"] / metrics["base_ppl_domain"]
+    found["dapt_general_ppl_change"] = metrics["dapt_ppl_general"] / metrics["base_ppl_general"] - 1
+    # Forgetting of what is shipped (DAPT + adapter), relative to the base.
+    found["tuned_general_ppl_change"] = metrics["tuned_ppl_general"] / metrics["base_ppl_general"] - 1
+    return found
 
 
 def evaluate_champion(params: Params, examples, domain, general, stop_ids, task_metrics, processed):
@@ -115,7 +135,8 @@ def evaluate_champion(params: Params, examples, domain, general, stop_ids, task_
         return None, None, {"scored": False, "reason": reason}
     found, items = task_metrics("champion", model, tokenizer, examples, stop_ids, params)
     if params.data.eval.format == "mcq":
-        found |= {k: v for k, v in robustness_metrics("champion", model, tokenizer, examples, params).items()
+        found |= {k: v for k, v in robustness_metrics("champion", model, tokenizer, examples, params,
+                                                      clean_correct(examples, items, "champion")).items()
                   if k.startswith("champion_")}  # the item counts are this run's, already reported
     found["champion_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
     found["champion_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)

@@ -33,9 +33,10 @@ logs to MLflow.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
-from pipeline.artifacts import SFT_EVAL_LOSS, SFT_LOSS
+from pipeline.artifacts import SFT_EVAL_LOSS, SFT_LOSS, SFT_METRICS
 from pipeline.cli import run_cli
 from pipeline.config import load_params
 from pipeline.data.formats import read_examples
@@ -49,6 +50,7 @@ from pipeline.training.sft import (
     train_adapter,
     training_rows,
     validation_examples,
+    validation_scores,
 )
 
 
@@ -90,6 +92,10 @@ def main() -> None:
                 mlflow.log_metric("eval_answer_token_accuracy", entry["loss"], step=entry["step"])
             for entry in logs["adversarial"]:  # adversarial / clean loss of a batch: above 1, the attack bites
                 mlflow.log_metric("adversarial_loss_increase", entry["loss"], step=entry["step"])
+            scores = validation_scores(logs, best_loaded=sft.early_stopping_patience is not None)
+            SFT_METRICS.parent.mkdir(parents=True, exist_ok=True)
+            SFT_METRICS.write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+            mlflow.log_metrics({f"sft_{k}": v for k, v in scores.items()})
     if is_main_process():
         final = logs["train"][-1]["loss"] if logs["train"] else float("nan")
         print(f"sft: adapter written to {out_dir}; final loss {final:.3f}"

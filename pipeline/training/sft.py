@@ -272,6 +272,17 @@ def training_logs(trainer) -> dict:
                             for e in history if "adversarial_loss_increase" in e]}
 
 
+def validation_scores(logs: dict, best_loaded: bool) -> dict[str, float]:
+    """The written adapter's held-out (validation split) loss and answer-token accuracy: of the best evaluation
+    when the trainer reloaded the best checkpoint, else of the last. {} when nothing was evaluated."""
+    if not logs["eval"]:
+        return {}
+    pick = min(logs["eval"], key=lambda e: e["loss"]) if best_loaded else logs["eval"][-1]
+    accuracy = {e["step"]: e["loss"] for e in logs["eval_accuracy"]}
+    return {"validation_loss": pick["loss"], "validation_step": float(pick["step"]),
+            **({"validation_answer_accuracy": accuracy[pick["step"]]} if pick["step"] in accuracy else {})}
+
+
 def validation_examples(processed: Path, limit: int) -> list[Example]:
     """The held-out split for eval_steps, early stopping and the best checkpoint (empty when none was carved)."""
     path = processed / "validation.jsonl"

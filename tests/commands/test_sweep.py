@@ -82,9 +82,14 @@ def test_a_two_by_two_sweep_runs_from_one_command_and_promotes_its_best(project_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The best experiment is in the workspace and went through the gate into the registry
-    best = summary["best"]
-    scores = [s for s in summary["scores"].values()]
-    assert summary["scores"][best] == max(scores)
+    # The best is chosen on the validation split (each experiment's metrics/sft.json as DVC recorded it), not on eval
+    best, validation = summary["best"], summary["validation"]
+    for name in names:
+        recorded = experiments[name]["revs"][0]["data"]["metrics"]["metrics/sft.json"]["data"]
+        assert validation[name] == {"sft_validation_answer_accuracy": recorded["validation_answer_accuracy"],
+                                    "sft_validation_loss": recorded["validation_loss"]}
+    assert best == min(names, key=lambda n: (-validation[n]["sft_validation_answer_accuracy"],
+                                             validation[n]["sft_validation_loss"], names.index(n)))
     params = yaml.safe_load((project_copy / "params.yaml").read_text(encoding="utf-8"))
     for override in summary["overrides"][best]:
         key, value = override.split("=")
@@ -99,3 +104,17 @@ def test_a_two_by_two_sweep_runs_from_one_command_and_promotes_its_best(project_
     assert f"sft.adversarial.method={trained['adversarial']['method']}" in summary["overrides"][best]
     assert f"sft.learning_rate={trained['learning_rate']}" in summary["overrides"][best]
     assert dvc(project_copy, "status").stdout.strip().endswith("up to date.")  # the applied best is what is registered
+
+
+def test_the_best_experiment_is_the_best_on_validation_not_on_eval():
+    from pipeline.commands.sweep import best_experiment
+
+    def scores(eval_accuracy: float, accuracy: float, loss: float) -> dict:
+        return {"tuned_accuracy": eval_accuracy, "sft_validation_answer_accuracy": accuracy,
+                "sft_validation_loss": loss}
+
+    results = {"eval-favourite": scores(0.9, 0.5, 1.0), "validation-best": scores(0.6, 0.7, 2.0),
+               "tie-lower-loss": scores(0.1, 0.7, 1.5)}
+    assert best_experiment(results) == "tie-lower-loss"
+    assert best_experiment({k: v for k, v in results.items() if k != "tie-lower-loss"}) == "validation-best"
+    assert best_experiment({"no-validation": {"tuned_accuracy": 1.0}}) is None

@@ -193,7 +193,7 @@ def test_the_position_wording_is_the_sample_datas():
 def test_robustness_metrics_on_a_tiny_model(tiny_world):
     from pipeline.evaluation.metrics import robustness_metrics
     from pipeline.evaluation.scoring import choose, option_logprobs
-    from pipeline.evaluation.statistics import accuracy_ci95
+    from pipeline.evaluation.statistics import accuracy_ci95, clustered_ci95
     from pipeline.modeling.loading import load_causal_lm, load_tokenizer
 
     tokenizer, model = load_tokenizer(tiny_world.base), load_causal_lm(tiny_world.base).eval()
@@ -204,13 +204,24 @@ def test_robustness_metrics_on_a_tiny_model(tiny_world):
     assert metrics["base_robust_acc_ci95_low"] <= metrics["base_robust_accuracy"] <= metrics["base_robust_acc_ci95_high"]
     per_kind = [metrics[f"base_robust_accuracy_{k}"] for k in PERTURBATIONS]
     assert metrics["base_robust_accuracy"] == pytest.approx(sum(per_kind) / len(per_kind))  # equal counts: pooled
-    assert (metrics["base_robust_acc_ci95_low"], metrics["base_robust_acc_ci95_high"]) == pytest.approx(
-        accuracy_ci95(round(metrics["base_robust_accuracy"] * 3 * n), 3 * n))
     # Each kind's score is that of its copy scored alone (scoring in one pass changes no prediction).
+    by_item = {e.id: [] for e in examples}
     for kind in PERTURBATIONS:
         copy = perturbed_examples(examples, kind, PARAMS.seed, PARAMS.task, RATE)
         alone = choose(option_logprobs(model, tokenizer, copy, 4))
         assert metrics[f"base_robust_accuracy_{kind}"] == sum(p == e.answer for p, e in zip(alone, copy)) / n
+        for p, e in zip(alone, copy):
+            by_item[e.id].append(p == e.answer)
+    # The pooled interval resamples items (an item's three copies together), not the 3n copies as if independent.
+    interval = (metrics["base_robust_acc_ci95_low"], metrics["base_robust_acc_ci95_high"])
+    assert interval == clustered_ci95(list(by_item.values()), PARAMS.seed)
+    assert interval != pytest.approx(accuracy_ci95(round(metrics["base_robust_accuracy"] * 3 * n), 3 * n))
+    # With the clean results, the clean accuracy on the same items (weighted as their copies) comes too.
+    clean = [p == e.answer for p, e in zip(choose(option_logprobs(model, tokenizer, examples, 4)), examples)]
+    with_clean = robustness_metrics("base", model, tokenizer, examples, PARAMS, clean)
+    weights = {e.id: len(by_item[e.id]) for e in examples}
+    assert with_clean["base_robust_clean_accuracy"] == pytest.approx(
+        sum(ok * weights[e.id] for ok, e in zip(clean, examples)) / sum(weights.values()))
     off = PARAMS.model_copy(update={"evaluate": PARAMS.evaluate.model_copy(update={
         "robustness": PARAMS.evaluate.robustness.model_copy(update={"perturbations": []})})})
     assert robustness_metrics("base", model, tokenizer, examples, off) == {}

@@ -98,3 +98,81 @@ def test_a_gate_or_guard_typo_is_refused_when_params_load(params, gate, guards, 
     if "is not a metric" in message:
         assert "valid: tuned_accuracy, tuned_acc_ci95_low, tuned_acc_ci95_high, tuned_generation_em, tuned_eos_rate" \
             in str(exc.value)
+
+
+# register.evidence: paired_bootstrap: the low ends of the paired intervals decide, not the point values.
+def paired(second: str, diff: float, low: float, high: float, p: float, wins: int, losses: int) -> dict:
+    return {f"tuned_vs_{second}_acc_diff": diff, f"tuned_vs_{second}_acc_diff_ci95_low": low,
+            f"tuned_vs_{second}_acc_diff_ci95_high": high, f"tuned_vs_{second}_mcnemar_p": p,
+            f"tuned_vs_{second}_wins": float(wins), f"tuned_vs_{second}_losses": float(losses)}
+
+
+def evidence_params(params, margin: float = 0.0):
+    raw = params.model_dump(by_alias=True)
+    raw["register"] |= {"evidence": "paired_bootstrap", "min_improvement": margin}
+    return type(params).model_validate(raw)
+
+
+SURE = paired("base", 0.6, 0.5, 0.7, 1e-20, 92, 2)
+
+
+def test_evidence_gate_promotes_a_sure_gain_and_names_the_test_and_its_numbers(params):
+    promoted, reason = promotion_decision(evidence_params(params), {**METRICS, **SURE}, None)
+    assert promoted
+    assert reason.startswith("paired_bootstrap: tuned − base accuracy +0.6000 [+0.5000, +0.7000] (paired bootstrap 95 %)")
+    assert "McNemar exact p 1e-20 (92 items only tuned right, 2 only base)" in reason
+    champion = {**METRICS, "tuned_accuracy": 0.7, **paired("champion", 0.1, 0.02, 0.18, 0.004, 20, 5)}
+    promoted, reason = promotion_decision(evidence_params(params), {**METRICS, **SURE}, champion)
+    assert promoted and "tuned − champion accuracy +0.1000 [+0.0200, +0.1800]" in reason
+
+
+def test_evidence_gate_refuses_a_gain_its_interval_does_not_carry(params):
+    """A point gain over the base (0.8 vs 0.2 passes the point gate) whose paired interval reaches 0 is refused,
+    and so is one whose low end is above 0 but not above min_improvement."""
+    unsure = paired("base", 0.6, 0.0, 0.9, 0.06, 5, 1)
+    assert promotion_decision(params, {**METRICS, **unsure}, None)[0]  # the point gate would promote it
+    promoted, reason = promotion_decision(evidence_params(params), {**METRICS, **unsure}, None)
+    assert not promoted and "its lower bound does not exceed min_improvement 0.0" in reason
+    promoted, reason = promotion_decision(evidence_params(params, margin=0.55), {**METRICS, **SURE}, None)
+    assert not promoted and "does not exceed min_improvement 0.55" in reason
+
+
+def test_evidence_gate_refuses_without_a_paired_comparison_with_the_champion(params):
+    """A champion known only by its registered tags (not re-scored on these items) cannot be paired; one whose
+    paired interval against the new version reaches 0 is not beaten."""
+    registered_only = {**METRICS, "tuned_accuracy": 0.5}
+    promoted, reason = promotion_decision(evidence_params(params), {**METRICS, **SURE}, registered_only)
+    assert not promoted and "no paired comparison with the current champion" in reason
+    tie = {**registered_only, **paired("champion", 0.02, -0.03, 0.07, 0.6, 6, 3)}
+    promoted, reason = promotion_decision(evidence_params(params), {**METRICS, **SURE}, tie)
+    assert not promoted and "tuned − champion accuracy +0.0200 [-0.0300, +0.0700]" in reason
+    promoted, reason = promotion_decision(evidence_params(params), METRICS, None)
+    assert not promoted and "no paired tuned − base comparison" in reason
+
+
+def test_evidence_gate_is_only_for_mcq_accuracy(params):
+    from pydantic import ValidationError
+
+    raw = params.model_dump(by_alias=True)
+    raw["register"] |= {"evidence": "paired_bootstrap", "gate_metric": "tuned_eos_rate"}
+    with pytest.raises(ValidationError, match="paired_bootstrap compares accuracy item by item"):
+        type(params).model_validate(raw)
+    raw = chat_params(params, "tuned_rougeL").model_dump(by_alias=True)
+    raw["register"]["evidence"] = "paired_bootstrap"
+    with pytest.raises(ValidationError, match="needs data.eval.format mcq"):
+        type(params).model_validate(raw)
+
+
+def test_the_champions_paired_numbers_count_only_while_it_is_the_champion():
+    """champion_metrics_for passes the re-scored tuned-vs-champion comparison only for that very version."""
+    from types import SimpleNamespace
+
+    from pipeline.registry.gate import champion_metrics_for
+
+    champion = SimpleNamespace(version="2", tags={"adapter_sha256": "a" * 64, "metric.tuned_accuracy": "0.5"})
+    scored = {"scored": True, "version": "2", "adapter_sha256": "a" * 64, "n_items": 150,
+              "metrics": {"champion_accuracy": 0.5}, "paired": paired("champion", 0.1, 0.02, 0.18, 0.004, 20, 5)}
+    numbers, source = champion_metrics_for(champion, scored)
+    assert numbers["tuned_vs_champion_acc_diff_ci95_low"] == 0.02 and "re-scored in this run" in source
+    numbers, _ = champion_metrics_for(champion, {**scored, "version": "1"})
+    assert "tuned_vs_champion_acc_diff_ci95_low" not in numbers

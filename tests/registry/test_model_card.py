@@ -140,3 +140,19 @@ def test_a_card_too_long_for_the_registry_description_is_cut_at_a_section(params
     assert description.endswith("the whole card is README.md in the version's files.)\n")
     kept = description.split("\n\n(Cut to fit")[0]
     assert card.startswith(kept) and card[len(kept):].startswith("\n\n## Limitations")
+
+
+def test_model_card_shows_the_paired_comparisons_apart_from_the_per_model_table(params):
+    from pipeline.registry.model_card import model_card
+
+    paired = {"tuned_vs_base_acc_diff": 0.5933, "tuned_vs_base_acc_diff_ci95_low": 0.5133,
+              "tuned_vs_base_acc_diff_ci95_high": 0.6733, "tuned_vs_base_mcnemar_p": 3.1e-27,
+              "tuned_vs_base_wins": 92.0, "tuned_vs_base_losses": 3.0,
+              "tuned_vs_champion_acc_diff": 0.0433, "tuned_vs_champion_acc_diff_ci95_low": -0.0133,
+              "tuned_vs_champion_acc_diff_ci95_high": 0.1, "tuned_vs_champion_mcnemar_p": 0.17,
+              "tuned_vs_champion_wins": 12.0, "tuned_vs_champion_losses": 5.0}
+    card = model_card(params, {**CARD_METRICS, **paired}, CARD_TAGS, DECISION)
+    assert "| tuned − base | +0.593 [+0.513, +0.673] | 92 / 3 | 3.1e-27 |" in card
+    assert "| tuned − champion | +0.043 [-0.013, +0.100] | 12 / 5 | 0.17 |" in card
+    assert "vs_base" not in card.split("Paired on the same items")[0]  # not a row of the per-model table
+    assert "Paired on the same items" not in model_card(params, CARD_METRICS, CARD_TAGS, DECISION)

@@ -429,3 +429,16 @@ def test_sft_batches_carry_exactly_the_masked_answer_tokens(tiny, tmp_path):
     labels = batch["labels"][0]
     trained = tokenizer.decode(batch["input_ids"][0][labels != -100])
     assert trained == f"{example.answer}<|eot_id|>", trained  # the answer and EOS, no prompt token
+
+
+def test_validation_scores_are_the_written_adapters():
+    """metrics/sft.json: the best evaluation when the best checkpoint was reloaded, else the last one."""
+    from pipeline.training.sft import validation_scores
+
+    logs = {"eval": [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.5}, {"step": 30, "loss": 1.7}],
+            "eval_accuracy": [{"step": 10, "loss": 0.4}, {"step": 20, "loss": 0.6}, {"step": 30, "loss": 0.55}]}
+    assert validation_scores(logs, best_loaded=True) == {"validation_loss": 1.5, "validation_step": 20.0,
+                                                          "validation_answer_accuracy": 0.6}
+    assert validation_scores(logs, best_loaded=False) == {"validation_loss": 1.7, "validation_step": 30.0,
+                                                           "validation_answer_accuracy": 0.55}
+    assert validation_scores({"eval": [], "eval_accuracy": []}, best_loaded=False) == {}
