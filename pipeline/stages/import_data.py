@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cli import cli_parser, run_cli
-from pipeline.data.benchmarks import KOREAN, SOURCES, import_benchmark, import_korean
+from pipeline.data.benchmark_items import SOURCES
+from pipeline.data.benchmarks import KOREAN, import_benchmark, import_korean
 
 
 def main(argv: list[str] | None = None) -> None:
