@@ -305,7 +305,7 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
         assert "tuned_answer_ppl" in metrics and "base_rougeL" in metrics
     from pipeline.metric_catalog import EVAL_METRICS, eval_kind
 
-    reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith("tuned_accuracy_")}
+    reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith(("tuned_accuracy_", "tuned_vs_"))}
     kind = eval_kind(raw["data"]["eval"]["format"])
     assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS[kind]}, reported
     assert 0 <= metrics["tuned_eos_rate"] <= 1

@@ -45,14 +45,24 @@ def test_tuned_model_beats_base_and_dapt_lowers_domain_perplexity(pipeline_run):
     for kind in ("explicit", "ordinal", "lookup"):
         assert 0.0 <= metrics[f"tuned_accuracy_{kind}"] <= 1.0
     # The catalog the params check uses (gate and guards) is exactly what evaluate reports for an mcq eval set.
-    from pipeline.metric_catalog import EVAL_METRICS
+    from pipeline.metric_catalog import EVAL_METRICS, PAIRED_STATS, paired_key
 
-    reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith("tuned_accuracy_")}
+    reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith(("tuned_accuracy_", "tuned_vs_"))}
     assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS["mcq"]}, reported
+    # Paired on the same items: the counts are the predictions' own, the interval holds the difference.
+    assert {paired_key("tuned", "base", s) for s in PAIRED_STATS} <= set(metrics)
+    wins = sum(p["tuned_prediction"] == p["answer"] != p["base_prediction"] for p in preds)
+    losses = sum(p["base_prediction"] == p["answer"] != p["tuned_prediction"] for p in preds)
+    assert (metrics["tuned_vs_base_wins"], metrics["tuned_vs_base_losses"]) == (wins, losses)
+    assert metrics["tuned_vs_base_acc_diff"] == pytest.approx(metrics["tuned_accuracy"] - metrics["base_accuracy"])
+    assert metrics["tuned_vs_base_acc_diff_ci95_low"] <= metrics["tuned_vs_base_acc_diff"] \
+        <= metrics["tuned_vs_base_acc_diff_ci95_high"]
     # Robustness: accuracy on the perturbed copies (all 150 items of each kind changed), inside its own interval.
     assert 0.0 <= metrics["tuned_robust_acc_ci95_low"] <= metrics["tuned_robust_accuracy"] \
         <= metrics["tuned_robust_acc_ci95_high"] <= 1.0, metrics
-    assert metrics["robustness_drop"] == pytest.approx(metrics["tuned_accuracy"] - metrics["tuned_robust_accuracy"])
+    assert metrics["robustness_drop"] == pytest.approx(metrics["tuned_robust_clean_accuracy"]
+                                                       - metrics["tuned_robust_accuracy"])
+    assert metrics["tuned_robust_clean_accuracy"] == pytest.approx(metrics["tuned_accuracy"])  # every item has 3 copies
     assert {metrics[f"robust_n_items_{k}"] for k in ("shuffle_choices", "typos", "distractor")} == {metrics["n_items"]}
     # Generation: the tuned model answers and stops; the random base does neither.
     assert metrics["tuned_eos_rate"] > metrics["base_eos_rate"]
@@ -102,7 +112,8 @@ def test_registry_holds_champion_version_with_lineage(pipeline_run, client):
     assert len(tags["params_hash"]) == 16
     assert float(tags["metric.tuned_accuracy"]) == pytest.approx(metrics["tuned_accuracy"], abs=1e-5)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert tags["adapter_dvc_md5"] == lock["stages"]["sft"]["outs"][0]["md5"]
+    adapter_out = next(o for o in lock["stages"]["sft"]["outs"] if o["path"] == "models/adapter")
+    assert tags["adapter_dvc_md5"] == adapter_out["md5"]
     assert {f"dvc.{s}" for s in ("sample_data", "base", "validate", "dapt", "sft", "evaluate")} <= set(tags)
     assert json.loads(tags["params_json"])["sft"]["quantization"] == tags["sft.quantization"] == "nf4"
     assert len(tags["chat_template_sha256"]) == 64
