@@ -207,9 +207,9 @@ class AdversarialParams(Strict):
 class SftParams(Strict):
     out_dir: str = "models/adapter"
     method: Literal["lora", "dora", "prompt_tuning"] = "lora"
-    quantization: Literal["nf4", "fp4", "int8", "none"]
+    quantization: Literal["nf4", "fp4", "int8", "none", "auto"]  # auto: pipeline/modeling/precision.py
     double_quant: bool
-    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    compute_dtype: Literal["float32", "bfloat16", "float16", "auto"]
     lora: LoraParams
     prompt_tuning: PromptTuningParams = PromptTuningParams(num_virtual_tokens=20)
     neftune_noise_alpha: float | None = Field(default=None, gt=0)

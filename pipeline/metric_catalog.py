@@ -19,6 +19,9 @@ EVAL_METRICS: dict[str, dict[str, bool]] = {
             # robust_clean_accuracy: clean accuracy on the same items, weighted as their copies (robustness_drop's base)
             "robust_accuracy": True, "robust_acc_ci95_low": True, "robust_acc_ci95_high": True,
             "robust_clean_accuracy": True,
+            # tuned only, when it is scored in a dtype other than float32 (sft.compute_dtype, `auto` included):
+            # items whose chosen option differs from float32 scoring of the same model
+            "float32_changed_choices": False,
             **{f"robust_accuracy_{kind}": True for kind in PERTURBATIONS}},
     "chat": {"answer_loss": False, "answer_ppl": False, "generation_em": True, "rougeL": True, "eos_rate": True,
              "ppl_domain": False, "ppl_general": False},

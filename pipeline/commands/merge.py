@@ -20,6 +20,7 @@ from pipeline.modeling.loading import (
     no_grad,
     save_atomically,
 )
+from pipeline.modeling.precision import trained_precision
 from pipeline.tracking import stage_run
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [prompt_of(e) for e in eval_examples[: args.n_prompts]]
     with stage_run(params, "merge"):
         diff = merge_adapter(Path(params.dapt.out_dir), Path(params.sft.out_dir), Path(args.out), prompts,
-                             params.sft.compute_dtype, args.tolerance)
+                             trained_precision(params).sft.compute_dtype, args.tolerance)
         mlflow.log_params({"merge.tolerance": args.tolerance, "merge.n_prompts": len(prompts), "merge.out": args.out})
         mlflow.log_metric("merge_max_abs_logit_diff", diff)
     print(f"merge: {args.out} written; max abs logit difference vs base+adapter {diff:.3g} (tolerance {args.tolerance})")

@@ -28,6 +28,7 @@ from pipeline.cli import cli_parser, run_cli
 from pipeline.config import load_params, params_hash
 from pipeline.env import interpreter_env
 from pipeline.errors import DataError
+from pipeline.modeling.precision import PIN_ENV
 from pipeline.registry.machine import machine_tags
 from pipeline.tracking import configure
 
@@ -66,8 +67,11 @@ def reproduce(model_uri: str, workdir: Path, tolerance: float = 0.05) -> dict:
         if params_hash(params) != version.tags.get("params_hash"):
             raise DataError(f"{model_uri}: params.yaml at commit {commit[:12]} hashes to {params_hash(params)}, the "
                             f"version was trained with {version.tags.get('params_hash')} (uncommitted params?)")
+        # `auto` precision is re-used as registered, never re-decided (pipeline/modeling/precision.py)
+        pin = {PIN_ENV: f"{version.tags['sft.compute_dtype']}/{version.tags['sft.quantization']}"} \
+            if "auto" in (params.sft.compute_dtype, params.sft.quantization) and "sft.compute_dtype" in version.tags else {}
         env = interpreter_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'reproduce-mlflow.db'}",
-                              PIPELINE_RUN_KEY=f"reproduce-{version.name}-{version.version}")
+                              PIPELINE_RUN_KEY=f"reproduce-{version.name}-{version.version}", **pin)
         dvc = [sys.executable, "-m", "dvc"]
         run([*dvc, "cache", "dir", "--local", str(repo / ".dvc" / "cache")], workdir, env)
         if (workdir / "dvc.lock").is_file():

@@ -14,6 +14,7 @@ from pipeline.artifacts import file_md5
 from pipeline.config import Params, params_hash
 from pipeline.modeling.loading import template_fingerprint
 from pipeline.modeling.packaged import packaged_record
+from pipeline.modeling.precision import precision_record, trained_precision
 from pipeline.registry.machine import machine_tags
 from pipeline.tracking import RUN_KEY_TAG, git_commit, public_params, run_key
 
@@ -35,6 +36,7 @@ def dvc_lineage(adapter_dir: str, lock_path: Path = Path("dvc.lock")) -> dict[st
 
 def lineage_tags(params: Params, metrics: dict, base: dict, tokenizer, adapter_sha256: str) -> dict[str, str]:
     sha, dirty = git_commit()
+    trained = trained_precision(params).sft
     tags = {
         "git_commit": sha,
         "git_dirty": str(dirty),
@@ -57,10 +59,11 @@ def lineage_tags(params: Params, metrics: dict, base: dict, tokenizer, adapter_s
         **dvc_lineage(params.sft.out_dir),
         **packaged_tags(params.base.out_dir),
         "seed": str(params.seed),
-        # How the adapter was trained, so inference loads the base the same way.
-        "sft.quantization": params.sft.quantization,
-        "sft.double_quant": str(params.sft.double_quant),
-        "sft.compute_dtype": params.sft.compute_dtype,
+        # How the adapter was trained, so inference loads the base the same way (`auto` resolved: what ran).
+        "sft.quantization": trained.quantization,
+        "sft.double_quant": str(trained.double_quant),
+        "sft.compute_dtype": trained.compute_dtype,
+        "precision.reason": precision_record(params.sft.out_dir).get("reason", "set in params")[:5000],
         **machine_tags(),
         **{f"lib.{lib}": pkg_version(lib) for lib in LIBRARIES},
         **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in metrics.items()},

@@ -27,9 +27,10 @@ from pipeline.cli import run_cli
 from pipeline.config import Params, load_params
 from pipeline.data.formats import read_examples, read_texts
 from pipeline.evaluation.metrics import chat_metrics, mcq_metrics, paired_metrics, robustness_metrics
-from pipeline.evaluation.scoring import perplexity
+from pipeline.evaluation.scoring import choose, option_logprobs, perplexity
 from pipeline.modeling.chat_template import require_fingerprint, stop_token_ids
 from pipeline.modeling.loading import load_causal_lm, load_tokenizer, resolve_model
+from pipeline.modeling.precision import trained_precision
 from pipeline.tracking import stage_run
 
 MODELS = ("base", "dapt", "tuned", "champion")
@@ -41,6 +42,7 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
     and the record of which champion was scored."""
     from peft import PeftModel
 
+    params = trained_precision(params)  # the base loaded as the adapter was trained (sft `auto` included)
     processed = params.validation.out_dir
     limit = params.validation.max_record_bytes
     examples = read_examples(processed, "eval", limit)[: params.evaluate.max_eval_items]
@@ -65,6 +67,8 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
         found, items = task_metrics(name, model, tokenizer, examples, stop_ids, params)
         metrics |= found
         per_item |= items
+        if name == "tuned" and params.sft.compute_dtype != "float32" and "tuned_prediction" in items:
+            metrics |= float32_agreement(path, params, load, tokenizer, examples, items["tuned_prediction"])
         if robust and name != "dapt":  # the gate compares tuned with base and champion; dapt is compared by none
             metrics |= robustness_metrics(name, model, tokenizer, examples, params, clean_correct(examples, items, name))
         metrics[f"{name}_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
@@ -82,6 +86,20 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
                     **{key: values[i] for key, values in per_item.items()}}
                    for i, e in enumerate(examples)]
     return metrics, predictions, champion
+
+
+def float32_agreement(path, params: Params, load: dict, tokenizer, examples, chosen: list[int]) -> dict:
+    """How many items the tuned model answers differently when scored in float32 (same weights, same
+    quantization): what scoring in the faster dtype costs, counted on this run's items."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(path, **{**load, "compute_dtype": "float32"}),
+                                      params.sft.out_dir).eval()
+    float32 = choose(option_logprobs(model, tokenizer, examples, params.evaluate.batch_size))
+    changed = sum(a != b for a, b in zip(chosen, float32, strict=True))
+    print(f"evaluate: scored in {params.sft.compute_dtype}, {changed} of {len(examples)} items choose another option "
+          "than in float32")
+    return {"tuned_float32_changed_choices": changed}
 
 
 def clean_correct(examples, per_item: dict, name: str) -> list[bool] | None:

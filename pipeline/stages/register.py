@@ -31,6 +31,7 @@ from pipeline.modeling.loading import (
     model_fingerprint,
     resolve_model,
 )
+from pipeline.modeling.precision import trained_precision
 from pipeline.registry.gate import decide, registered_metrics
 from pipeline.registry.lineage import LIBRARIES, lineage_tags
 from pipeline.registry.lock import registry_lock
@@ -78,6 +79,7 @@ def register_adapter(params: Params, metrics: dict, scored: dict) -> tuple[dict,
 
     name = params.registry.model_name
     adapter_dir = Path(params.sft.out_dir)
+    trained = trained_precision(params).sft  # the precision it was trained in (`auto` resolved by sft)
     adapter_sha256 = file_sha256(adapter_dir / "adapter_model.safetensors")
     # The adapter sits on the DAPT output (or the base when DAPT is off).
     base_name, revision = resolve_model(params.dapt.out_dir)
@@ -94,7 +96,7 @@ def register_adapter(params: Params, metrics: dict, scored: dict) -> tuple[dict,
             base = base_artifact(client, run.info.experiment_id, base_name, revision)
             tokenizer = load_tokenizer(adapter_dir)
             model = PeftModel.from_pretrained(load_causal_lm(base["local"], revision=revision,
-                                                             compute_dtype=params.sft.compute_dtype), str(adapter_dir))
+                                                             compute_dtype=trained.compute_dtype), str(adapter_dir))
             mlflow.log_dict(public_params(params), "params.json")
             info = mlflow.transformers.log_model(
                 {"model": model, "tokenizer": tokenizer}, name="adapter", task="text-generation",
@@ -112,7 +114,7 @@ def register_adapter(params: Params, metrics: dict, scored: dict) -> tuple[dict,
         # The card describes the version as registered (its tags and metrics), also when it is adopted.
         version = client.get_model_version(name, version.version)
         card, attached = attach_model_card(client, version, model_card(
-            params, registered_metrics(version.tags) or metrics, version.tags, result))
+            params.model_copy(update={"sft": trained}), registered_metrics(version.tags) or metrics, version.tags, result))
         print(f"register: {'model card attached to' if attached else 'keeping the model card of'} version "
               f"{version.version}")
         mlflow.log_text(card, "model_card.md")

@@ -42,6 +42,7 @@ from pipeline.config import load_params
 from pipeline.data.formats import read_examples
 from pipeline.errors import DataError
 from pipeline.modeling.chat_template import chat_tokenizer, require_fingerprint
+from pipeline.modeling.precision import resolve
 from pipeline.tracking import log_loss_curve, stage_run
 from pipeline.training.preflight import check_budget, preflight
 from pipeline.training.sft import (
@@ -58,33 +59,38 @@ def main() -> None:
     import mlflow
 
     params = load_params()
-    sft = params.sft
-    out_dir, model_dir = Path(sft.out_dir), Path(params.dapt.out_dir)
+    out_dir, model_dir = Path(params.sft.out_dir), Path(params.dapt.out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     processed = Path(params.validation.out_dir)
     limit = params.validation.max_record_bytes
     examples, eval_examples = read_examples(processed, "train", limit), validation_examples(processed, limit)
-    if sft.early_stopping_patience and not eval_examples:
+    if params.sft.early_stopping_patience and not eval_examples:
         raise DataError(f"{processed}/validation.jsonl is empty: sft.early_stopping_patience needs a validation split "
                         "(set data.validation, or give train more than one record to carve from)")
     tokenizer = chat_tokenizer(model_dir, params.task.chat_template)
     require_fingerprint(processed, tokenizer, "sft")
-    # preflight: before any weight is loaded
+    # precision (`auto`: measured once per machine class) and preflight: before any weight is loaded
     lengths = [len(r["input_ids"]) for r in training_rows(examples, tokenizer)]
-    report = preflight(str(model_dir), sft, lengths, [len(r["input_ids"]) for r in training_rows(eval_examples, tokenizer)])
+    eval_lengths = [len(r["input_ids"]) for r in training_rows(eval_examples, tokenizer)]
+    sft, precision = resolve(params.sft, lambda s: preflight(str(model_dir), s, lengths, eval_lengths).estimate_gb)
+    declared, params = params, params.model_copy(update={"sft": sft})
+    if is_main_process():
+        print(f"sft: compute {sft.compute_dtype}, quantization {sft.quantization} ({precision['reason']})")
+    report = preflight(str(model_dir), sft, lengths, eval_lengths)
     if is_main_process():
         print(report.table())
     check_budget(report, sft)
     identity = run_identity(params, model_dir, [processed / "train.jsonl", processed / "validation.jsonl"])
-    run = stage_run(params, "sft") if is_main_process() else contextlib.nullcontext()
+    run = stage_run(declared, "sft") if is_main_process() else contextlib.nullcontext()
     with run:
         if is_main_process():
             mlflow.log_params({f"sft.{k}": str(v) for k, v in sft.model_dump().items() if k not in ("lora", "prompt_tuning", "adversarial")})
             mlflow.log_params({f"sft.adversarial.{k}": str(v) for k, v in sft.adversarial.model_dump().items()})
             mlflow.log_params({f"sft.lora.{k}": str(v) for k, v in sft.lora.model_dump().items()})
             mlflow.log_params({f"preflight.{k}": v for k, v in report.as_dict().items()})
+            mlflow.log_params({f"precision.{k}": str(v)[:6000] for k, v in precision.items()})
         logs = train_adapter(model_dir, examples, tokenizer, params, out_dir, eval_examples,
-                             Path(sft.checkpoint_dir), identity)
+                             Path(sft.checkpoint_dir), identity, precision=precision)
         if is_main_process():
             log_loss_curve(logs["train"], "train_loss", SFT_LOSS, "SFT training loss (answer tokens)")
             log_loss_curve(logs["eval"], "eval_loss", SFT_EVAL_LOSS, "SFT held-out loss (answer tokens)")

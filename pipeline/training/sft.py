@@ -21,6 +21,7 @@ from pipeline.data.formats import Example, read_examples
 from pipeline.errors import DataError
 from pipeline.modeling.chat_template import encode_chat
 from pipeline.modeling.loading import (
+    device_of,
     load_causal_lm,
     model_fingerprint,
     resolve_model,
@@ -46,6 +47,19 @@ class StableAdapterConfig:
         if isinstance(config.get("target_modules"), list):
             config["target_modules"] = sorted(config["target_modules"])
         path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+class PrecisionRecord:
+    """Saved beside the adapter: the compute dtype and quantization it was trained in, and why (precision.json)."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def save_pretrained(self, directory) -> None:
+        from pipeline.modeling.precision import PRECISION_FILE
+
+        (Path(directory) / PRECISION_FILE).write_text(json.dumps(self.record, indent=2, sort_keys=True) + "\n",
+                                                      encoding="utf-8")
 
 
 def is_main_process() -> bool:
@@ -109,23 +123,31 @@ def resume_point(checkpoint_dir: Path, identity: dict, resume: str) -> str | Non
     return last
 
 
-def answer_accuracy(eval_pred) -> dict:
-    """Share of answer tokens predicted exactly (the labels that are not -100), from argmax ids."""
-    predictions, labels = eval_pred
-    predictions = predictions[:, predictions.shape[1] - labels.shape[1]:]  # prompt tuning prepends virtual tokens
-    shifted_pred, shifted_labels = predictions[:, :-1], labels[:, 1:]
-    mask = shifted_labels != -100
-    return {"answer_token_accuracy": float((shifted_pred[mask] == shifted_labels[mask]).mean()) if mask.any() else 0.0}
+def lm_head_at_labels_only(on: bool = True) -> None:
+    """Project through the LM head only at the positions that carry a label, on every device.
 
+    TRL's SFTTrainer computes the loss, entropy and token accuracy with its fused LM head, which never builds the
+    (batch, length, vocab) logits; but off Triton devices (a CPU) it still projects every position, tile by tile,
+    so that accelerators compiling fixed tile shapes (Neuron) do not recompile per batch. Under assistant-only loss a
+    few answer tokens per sequence carry labels: on a CPU the head over all positions is most of a step's waste (a
+    quarter of SmolLM2's forward FLOPs at 49 k vocabulary, most of Gemma 3's at 262 k) and its tiles most of the
+    memory. `compact` is TRL's own code path for CUDA (the same kernel, on the labelled rows only), so loss,
+    entropy and accuracy are the same numbers (tests/training/test_sft_recipe.py compares them). `on=False` restores
+    TRL's choice."""
+    import trl.trainer.utils as trl_utils
 
-def argmax_logits(logits, labels):
-    return logits.argmax(dim=-1)  # keeps evaluation memory at batch × length, not × vocab
+    original = getattr(trl_utils, "_pipeline_original_use_triton", trl_utils._use_triton)
+    trl_utils._pipeline_original_use_triton = original
+    trl_utils._use_triton = (lambda device: device.type in ("cpu", "cuda", "xpu", "mps") or original(device)) \
+        if on else original
 
 
 def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: Params, out_dir: Path,
                   eval_examples: list[Example] | None = None, checkpoint_dir: Path | None = None,
-                  identity: dict | None = None, callbacks: list | None = None) -> dict:
-    """Train an adapter and save it (atomically) to out_dir; return the train and eval loss logs."""
+                  identity: dict | None = None, callbacks: list | None = None, precision: dict | None = None) -> dict:
+    """Train an adapter and save it (atomically) to out_dir, with the precision it was trained in
+    (precision.json: `precision`, the choice record of pipeline.modeling.precision, or params' own values);
+    return the train and eval loss logs."""
     from transformers import set_seed
 
     sft = params.sft
@@ -148,7 +170,9 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     trainer.train(resume_from_checkpoint=resume)
     # save: only the adapter (+ tokenizer, so the chat template travels with it)
     if is_main_process():
-        save_atomically(out_dir, trainer.model, tokenizer, StableAdapterConfig())
+        record = precision or {"compute_dtype": sft.compute_dtype, "quantization": sft.quantization,
+                               "reason": "set in params"}
+        save_atomically(out_dir, trainer.model, tokenizer, StableAdapterConfig(), PrecisionRecord(record))
         shutil.rmtree(work, ignore_errors=True)  # finished: the checkpoints have served
     return training_logs(trainer)
 
@@ -168,12 +192,21 @@ def training_model(model_dir: Path, sft: SftParams):
     model = load_causal_lm(model_dir, sft.quantization, sft.double_quant, sft.compute_dtype)
     if sft.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=sft.gradient_checkpointing)
-    # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for a faster kernel at its first
-    # no-grad forward (the held-out evals) and trains on that kernel from then on: a run resumed after a
-    # checkpoint would train with the other kernel until its next eval and end with other bytes (measured: the
-    # resume test failed on such a CPU). One kernel for the whole run keeps resume exact on every CPU.
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
+    # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for a faster bf16 kernel at its first
+    # no-grad forward and runs that kernel from then on. Left to itself that happens at the first held-out eval, so
+    # a run resumed after a checkpoint would train with the other kernel until its next eval and end with other
+    # bytes (measured: the resume test failed on such a CPU). One kernel for the whole run keeps resume exact: the
+    # fast one, repacked now by a no-grad pass before any step, when the compute dtype is bfloat16 (what `auto`
+    # picks where bf16 is fast); else the plain kernel, the repacking switched off.
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    if sft.compute_dtype == "bfloat16" and any(m.support_avx512bf16_for_cpu for m in layers):
+        import torch
+
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device_of(model)))
+        print(f"sft: bitsandbytes' AVX512-BF16 kernel for all {len(layers)} 4-bit layers (repacked before training)")
+    else:
+        for module in layers:
             module.support_avx512bf16_for_cpu = False
     return model
 
@@ -223,6 +256,7 @@ def sft_trainer(model, model_dir: Path, tokenizer, dataset, eval_dataset, params
     from trl import SFTTrainer
 
     sft = params.sft
+    lm_head_at_labels_only()
     config = sft_config(params, work, eval_dataset is not None)
     callbacks = list(callbacks or []) + ([EarlyStoppingCallback(sft.early_stopping_patience)]
                                          if sft.early_stopping_patience else [])
@@ -233,8 +267,7 @@ def sft_trainer(model, model_dir: Path, tokenizer, dataset, eval_dataset, params
         trainer_class, extra = AdversarialSFTTrainer, {"adversarial": sft.adversarial}
     trainer = trainer_class(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
                             processing_class=tokenizer, peft_config=peft_config(sft, model_dir), callbacks=callbacks,
-                            compute_metrics=answer_accuracy if eval_dataset is not None else None,
-                            preprocess_logits_for_metrics=argmax_logits if eval_dataset is not None else None, **extra)
+                            **extra)
     # TRL casts a quantized model's adapter to bf16 (QLoRA paper, a GPU memory saving), but a resumed run
     # reloads the checkpointed adapter in fp32 (peft's autocast_adapter_dtype), so an interrupted run
     # would end with other bytes (measured: max |diff| ~1e-3 after 8 steps). The adapter's master weights
@@ -266,8 +299,9 @@ def training_logs(trainer) -> dict:
     history = trainer.state.log_history
     return {"train": loss_history(trainer),
             "eval": [{"step": e["step"], "loss": e["eval_loss"]} for e in history if "eval_loss" in e],
-            "eval_accuracy": [{"step": e["step"], "loss": e["eval_answer_token_accuracy"]}
-                              for e in history if "eval_answer_token_accuracy" in e],
+            # TRL's token accuracy from the fused head: the share of labelled (answer) tokens predicted exactly
+            "eval_accuracy": [{"step": e["step"], "loss": e["eval_mean_token_accuracy"]}
+                              for e in history if "eval_mean_token_accuracy" in e],
             "adversarial": [{"step": e["step"], "loss": e["adversarial_loss_increase"]}
                             for e in history if "adversarial_loss_increase" in e]}
 

@@ -89,8 +89,10 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 
 # The four ways to train: plain, NEFTune (random noise), FGM and PGD (gradient-directed, pipeline/training/adversarial.py).
+# The plain run also lets the stage choose its precision (`auto`, pipeline/modeling/precision.py): exact resume must
+# hold with whatever it picks on the machine that runs the test; the others train in params.yaml's nf4 / float32.
 TRAINING_METHODS = {
-    "plain": {},
+    "plain": {"compute_dtype": "auto", "quantization": "auto"},
     "neftune": {"neftune_noise_alpha": 5.0},
     "fgm": {"adversarial": {"method": "fgm", "epsilon": 0.1}},
     "pgd": {"adversarial": {"method": "pgd", "epsilon": 0.1, "steps": 2, "alpha": 0.06}},
@@ -138,6 +140,13 @@ def test_stage_is_deterministic_and_a_killed_run_resumes_to_the_same_adapter(pro
     version = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version(registry["model_name"],
                                                                                     registry["version"])
     trained = json.loads(version.tags["params_json"])["sft"]
+    precision = json.loads((project / f"models/{name}-c/precision.json").read_text(encoding="utf-8"))
+    if name == "plain":  # what it chose is said, kept beside the adapter, and tagged on the version
+        assert f"sft: compute {precision['compute_dtype']}, quantization {precision['quantization']} (" in first
+        assert precision["compute_dtype_param"] == "auto" and "measured once for this machine class" in precision["reason"]
+    assert (version.tags["sft.compute_dtype"], version.tags["sft.quantization"]) == \
+        (precision["compute_dtype"], precision["quantization"])
+    assert version.tags["precision.reason"] == precision["reason"]
     assert trained["adversarial"]["method"] == method.get("adversarial", {}).get("method")
     assert trained["neftune_noise_alpha"] == method.get("neftune_noise_alpha")
 
