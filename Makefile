@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-real install-team run real sweep test test-extended ui serve prefect-server team-up team-down team-status clean
+.PHONY: install install-real install-team run real real-sciq sweep test test-extended ui serve prefect-server team-up team-down team-status clean
 
 install: $(STAMP)
 
@@ -58,6 +58,11 @@ team-status:
 # as a DVC experiment; the import stages of data/real/dvc.yaml run first.
 real: install-real
 	PIPELINE_RUN_KEY=real-$$(date +%Y%m%d-%H%M%S) $(BIN)/python -m flows.lock $(BIN)/python -m pipeline.commands.run_profile params-real.yaml
+
+# The reading-comprehension profile that wins (params-real-sciq.yaml: SmolLM2-135M-Instruct LoRA on SciQ with its
+# support passages, paired-evidence gate); measured end to end in docs/real-models.md.
+real-sciq: install-real
+	PIPELINE_RUN_KEY=real-sciq-$$(date +%Y%m%d-%H%M%S) $(BIN)/python -m flows.lock $(BIN)/python -m pipeline.commands.run_profile params-real-sciq.yaml
 
 # A params grid as queued DVC experiments (pipeline/commands/sweep.py): each one trains and evaluates in DVC's queue
 # workers, is its own MLflow run under the sweep's run, and the best is applied and registered through the gate.

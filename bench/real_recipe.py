@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tree = merged(yaml.safe_load(Path("params.yaml").read_text()), yaml.safe_load(args.profile.read_text()))
-    tree["sft"] |= {"max_steps": args.steps, "learning_rate": args.learning_rate, "eval_steps": None,
+    tree["sft"] |= {"max_steps": max(args.steps, 1), "learning_rate": args.learning_rate, "eval_steps": None,
                     "save_steps": None, "early_stopping_patience": None}
     for item in args.set:
         key, value = item.split("=", 1)
@@ -80,6 +80,9 @@ def main() -> None:
         out["base_accuracy"], base_hits = accuracy(base, tokenizer, scored, batch)
         out["base_score_s"] = time.perf_counter() - start
         del base
+    if args.steps == 0:  # the base alone
+        print(json.dumps(out))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         logs = train_adapter(args.model, train, tokenizer, params, Path(tmp) / "adapter")

@@ -5,6 +5,9 @@ a peft config (LoRA, rsLoRA, DoRA or prompt tuning), on chats pre-tokenized with
 (`pipeline.modeling.chat_template.encode_chat`, the function the label audit ran). Checkpoints carry the
 run's identity (params, data and base hashes): only the same run resumes, and a resumed run ends with the
 same adapter bytes as an uninterrupted one.
+
+It is over 300 lines because the recipe's parts that keep runs exact belong with it: the checkpoint identity and
+resume point, the one-kernel rule for 4-bit layers, the fp32 adapter, and the LM head at labelled positions.
 """
 
 from __future__ import annotations
