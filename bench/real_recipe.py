@@ -30,7 +30,9 @@ from pipeline.data.readers import read_records  # noqa: E402
 from pipeline.evaluation.scoring import choose, option_logprobs  # noqa: E402
 from pipeline.modeling.chat_template import chat_tokenizer  # noqa: E402
 from pipeline.modeling.loading import load_causal_lm  # noqa: E402
-from pipeline.training.sft import train_adapter  # noqa: E402
+from pipeline.modeling.precision import resolve  # noqa: E402
+from pipeline.training.preflight import preflight  # noqa: E402
+from pipeline.training.sft import train_adapter, training_rows  # noqa: E402
 
 
 def examples(path: Path, params: Params, limit: int | None = None):
@@ -67,12 +69,14 @@ def main() -> None:
             node = node[p]
         node[leaf] = yaml.safe_load(value)
     params = Params.model_validate(tree)
-    sft = params.sft
     tokenizer = chat_tokenizer(args.model, params.task.chat_template)
     train = examples(args.data / "train.jsonl", params)
+    lengths = [len(r["input_ids"]) for r in training_rows(train, tokenizer)]
+    sft, precision = resolve(params.sft, lambda s: preflight(str(args.model), s, lengths, []).estimate_gb)
+    params = params.model_copy(update={"sft": sft})
     scored = examples(args.data / f"{args.score_on}.jsonl", params, args.score_limit)
     out: dict = {"data": str(args.data), "model": str(args.model), "steps": args.steps, "lr": args.learning_rate,
-                 "sets": args.set, "train_items": len(train), "scored_items": len(scored), "score_on": args.score_on}
+                 "sets": args.set, "precision": precision["reason"], "train_items": len(train), "scored_items": len(scored), "score_on": args.score_on}
     batch = params.evaluate.batch_size
     if not args.skip_base:
         start = time.perf_counter()

@@ -93,6 +93,9 @@ class TaskParams(Strict):
     system_prompt: str
     user_template: str
     chat_template: str | None = None  # a Jinja file replacing the tokenizer's own chat template
+    # mcq: the assistant answers with the option's number (the seed task's 정답) or its words (`text`: scoring
+    # then compares what the options say; pipeline/data/formats.py answer_content)
+    answer_format: Literal["number", "text"] = "number"
 
     @model_validator(mode="after")
     def _template_fields(self):

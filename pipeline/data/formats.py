@@ -44,6 +44,7 @@ class Example:
     category: str | None = None
     choices: list[str] | None = None  # mcq only
     answer: int | None = None  # mcq only, 1-based
+    answer_format: str | None = None  # mcq only: "text" when the answer is the option's words (None: its number)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -209,6 +210,13 @@ def render_choices(choices: list[str]) -> str:
     return "\n".join(f"{i}. {choice}" for i, choice in enumerate(choices, start=1))
 
 
+def answer_content(k: int, choices: list[str], answer_format: str | None) -> str:
+    """The assistant's answer naming option k (1-based): its number (the seed documents' 정답), or with `text` the
+    option's words, so the options' log-likelihoods weigh what each says (as cloze scoring does) and not only
+    which position a small model binds to it."""
+    return choices[k - 1] if answer_format == "text" else str(k)
+
+
 def mcq_prompt(passage: str, question: str, choices: list[str], task: TaskParams) -> list[dict]:
     """System + user messages of an MCQ item (the seed documents' 지문/질문/선택지/정답 template)."""
     user = task.user_template.format(passage=passage, question=question, choices=render_choices(choices))
@@ -223,8 +231,10 @@ def to_example(record: Record, fmt: str, task: TaskParams) -> Example:
     if fmt == "mcq":
         index, _ = answer_index(v["answer"], v["choices"])
         messages = mcq_prompt(v.get("passage") or "", v["question"], v["choices"], task)
-        messages.append({"role": "assistant", "content": str(index)})
-        return Example(messages=messages, choices=list(v["choices"]), answer=index, **base)
+        answer_format = None if task.answer_format == "number" else task.answer_format
+        messages.append({"role": "assistant", "content": answer_content(index, v["choices"], answer_format)})
+        return Example(messages=messages, choices=list(v["choices"]), answer=index, answer_format=answer_format,
+                       **base)
     if fmt == "alpaca":
         user = v["instruction"] + (f"\n\n{v['input']}" if isinstance(v.get("input"), str) and v["input"].strip() else "")
         return Example(messages=[{"role": "user", "content": user}, {"role": "assistant", "content": v["output"]}], **base)

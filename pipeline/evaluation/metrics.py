@@ -41,7 +41,7 @@ def mcq_metrics(name: str, model, tokenizer, examples, stop_ids, params) -> tupl
     low, high = accuracy_ci95(sum(p == e.answer for p, e in zip(predictions, examples, strict=True)), len(examples))
     metrics = {f"{name}_accuracy": accuracy.pop("all"), **{f"{name}_accuracy_{c}": v for c, v in accuracy.items()},
                f"{name}_acc_ci95_low": low, f"{name}_acc_ci95_high": high,
-               f"{name}_generation_em": mean([parse_option(g["text"]) == e.answer
+               f"{name}_generation_em": mean([parse_option(g["text"], e) == e.answer
                                               for g, e in zip(generations, examples, strict=True)]),
                f"{name}_eos_rate": mean([g["stopped"] for g in generations])}
     per_item = {f"{name}_prediction": predictions, f"{name}_generation": [g["text"] for g in generations]}

@@ -12,7 +12,7 @@ import math
 import re
 
 from pipeline.config import Params
-from pipeline.data.formats import Example, prompt_of
+from pipeline.data.formats import Example, answer_content, normalised, prompt_of
 from pipeline.modeling.chat_template import Encoded, encode_chat, render
 from pipeline.modeling.loading import device_of, document_ids, no_grad
 
@@ -25,7 +25,8 @@ def option_sequences(tokenizer, example: Example) -> list[Encoded]:
     right for every template, and the end marker keeps "1" and "10" apart.
     """
     prompt = prompt_of(example)
-    return [encode_chat(tokenizer, prompt + [{"role": "assistant", "content": str(k)}])[-1]
+    return [encode_chat(tokenizer, prompt + [{"role": "assistant",
+                                              "content": answer_content(k, example.choices, example.answer_format)}])[-1]
             for k in range(1, len(example.choices) + 1)]
 
 
@@ -199,7 +200,12 @@ def generate(model, tokenizer, examples: list[Example], stop_ids: set[int], para
     return results
 
 
-def parse_option(text: str) -> int | None:
+def parse_option(text: str, example: Example | None = None) -> int | None:
+    """The option a generated answer names: its first number, or for `text` answers the option whose words it
+    is (case, spacing and a final full stop aside)."""
+    if example is not None and example.answer_format == "text":
+        said = normalised(text).rstrip(".")
+        return next((k for k, c in enumerate(example.choices, start=1) if normalised(c).rstrip(".") == said), None)
     match = re.search(r"\d+", text)
     return int(match.group()) if match else None
 

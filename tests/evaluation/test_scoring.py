@@ -82,3 +82,26 @@ def test_a_prompt_tuning_adapter_is_scored_at_the_answer_not_at_its_virtual_toke
     assert full.shape[0] == len(seq.input_ids) + 5
     reference = sum(full[i - 1 + 5, seq.input_ids[i]].item() for i, bit in enumerate(seq.assistant_masks) if bit and i)
     assert scores[1] == pytest.approx(reference, abs=1e-4)
+
+
+def test_text_answers_are_trained_scored_and_parsed_as_the_options_words(tiny):
+    """task.answer_format: text — the assistant turn is the option's words; each option is scored as its own words
+    (the answer tokens, nothing of the others), and a generation names the option whose words it is."""
+    from pipeline.evaluation.scoring import option_logprobs, option_sequences, parse_option
+    from pipeline.modeling.loading import load_causal_lm, load_tokenizer
+
+    root, params = tiny
+    text = params.model_copy(update={"task": params.task.model_copy(update={"answer_format": "text"})})
+    item, numbered = examples(root / "data/eval.jsonl", text)[0], examples(root / "data/eval.jsonl", params)[0]
+    assert item.messages[-1]["content"] == item.choices[item.answer - 1] and item.answer_format == "text"
+    assert numbered.messages[-1]["content"] == str(numbered.answer) and numbered.answer_format is None
+    assert item.messages[:-1] == numbered.messages[:-1]  # the same prompt
+    tokenizer = load_tokenizer(root / "base")
+    for k, seq in enumerate(option_sequences(tokenizer, item), start=1):
+        answer = tokenizer.decode([t for t, bit in zip(seq.input_ids, seq.assistant_masks, strict=True) if bit])
+        assert answer.startswith(item.choices[k - 1])
+    model = load_causal_lm(root / "base").eval()
+    assert option_logprobs(model, tokenizer, [item], 4)[0] != option_logprobs(model, tokenizer, [numbered], 4)[0]
+    assert parse_option(f"  {item.choices[1].upper()}.", item) == 2
+    assert parse_option("none of these", item) is None
+    assert parse_option("2", numbered) == 2 and parse_option("answer: 3", None) == 3
