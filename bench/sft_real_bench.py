@@ -4,6 +4,7 @@
   checkpointing, TRL's LM head over every position);
 - `auto`: the stage now (`sft.compute_dtype/quantization: auto`, resolved on this machine; the LM head only at
   labelled positions; gradient checkpointing as `--checkpointing` says);
+- `nf4`: the stage now, but nf4 + double quant instead of what `auto` chose (quantization's own cost);
 - `plain`: a plain TRL script given the dtype and quantization `auto` chose (TRL's own head).
 
     .venv/bin/python -m pipeline.stages.import_data boolq --out /tmp/boolq --eval-items 400 --validation-items 100
@@ -144,8 +145,10 @@ def main() -> None:
     now = common | {"quantization": "auto", "compute_dtype": "auto", "gradient_checkpointing": args.checkpointing}
     results = {"load_average": os.getloadavg()[0], "float32_matmul_gflops": matmul_gflops("float32", n=2048, seconds=2)}
     with tempfile.TemporaryDirectory() as tmp:
+        quantized = now | {"quantization": "nf4", "double_quant": True}
         for side, worker, overrides, compact in (("present", "pipeline", present, False),
-                                                 ("auto", "pipeline", now, True), ("plain", "plain", None, None)):
+                                                 ("auto", "pipeline", now, True), ("nf4", "pipeline", quantized, True),
+                                                 ("plain", "plain", None, None)):
             if overrides is None:  # plain TRL with what auto chose
                 overrides = common | {k: results["auto"][k] for k in ("compute_dtype", "quantization",
                                                                       "gradient_checkpointing")}
@@ -159,14 +162,15 @@ def main() -> None:
     results["load_average_end"] = os.getloadavg()[0]
     key = "tokens_per_s"  # non-pad training tokens per second after the warm-up (bench/throughput.py)
     body = body_parameters(args.model)
-    for side in ("present", "auto", "plain"):
+    for side in ("present", "auto", "nf4", "plain"):
         results[side]["mfu"] = 6 * body * results[side][key] / (results["float32_matmul_gflops"] * 1e9)
     results["auto_vs_present"] = results["auto"][key] / results["present"][key]
     results["auto_vs_plain"] = results["auto"][key] / results["plain"][key]
+    results["auto_vs_nf4"] = results["auto"][key] / results["nf4"][key]
     results["rss_auto_vs_present"] = results["auto"]["peak_rss_mb"] / results["present"]["peak_rss_mb"]
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"{key}: present {results['present'][key]:.1f}, auto {results['auto'][key]:.1f}, plain TRL "
-          f"{results['plain'][key]:.1f}; auto/present {results['auto_vs_present']:.2f}, auto/plain "
+          f"{results['plain'][key]:.1f}, nf4 {results['nf4'][key]:.1f}; auto/present {results['auto_vs_present']:.2f}, auto/plain "
           f"{results['auto_vs_plain']:.2f}; peak RSS auto/present {results['rss_auto_vs_present']:.2f}")
 
 

@@ -276,6 +276,7 @@ class EvaluateParams(Strict):
     batch_size: int = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
     max_eval_items: int | None = Field(default=None, ge=1)
+    generation_items: int | None = Field(default=None, ge=1)  # mcq: greedy generation on the first N items only
     ppl_block_size: int = Field(ge=8)
     robustness: RobustnessParams = RobustnessParams()
 

@@ -34,17 +34,23 @@ def by_category(examples: list[Example], correct: list[bool]) -> dict[str, float
 
 
 def mcq_metrics(name: str, model, tokenizer, examples, stop_ids, params) -> tuple[dict, dict]:
-    """Log-likelihood accuracy (per category), generation exact match and EOS-stop rate."""
+    """Log-likelihood accuracy (per category), generation exact match and EOS-stop rate.
+
+    Greedy generation costs a prompt pass plus one step per new token for every item, more than the scoring
+    itself: `evaluate.generation_items` limits it to the first N items (the same items for every model);
+    the other items' generations are null in the predictions."""
     predictions = choose(option_logprobs(model, tokenizer, examples, params.evaluate.batch_size))
     accuracy = by_category(examples, [p == e.answer for p, e in zip(predictions, examples, strict=True)])
-    generations = generate(model, tokenizer, examples, stop_ids, params)
+    generated = examples[: params.evaluate.generation_items]
+    generations = generate(model, tokenizer, generated, stop_ids, params)
     low, high = accuracy_ci95(sum(p == e.answer for p, e in zip(predictions, examples, strict=True)), len(examples))
     metrics = {f"{name}_accuracy": accuracy.pop("all"), **{f"{name}_accuracy_{c}": v for c, v in accuracy.items()},
                f"{name}_acc_ci95_low": low, f"{name}_acc_ci95_high": high,
                f"{name}_generation_em": mean([parse_option(g["text"], e) == e.answer
-                                              for g, e in zip(generations, examples, strict=True)]),
+                                              for g, e in zip(generations, generated, strict=True)]),
                f"{name}_eos_rate": mean([g["stopped"] for g in generations])}
-    per_item = {f"{name}_prediction": predictions, f"{name}_generation": [g["text"] for g in generations]}
+    texts = [g["text"] for g in generations] + [None] * (len(examples) - len(generated))
+    per_item = {f"{name}_prediction": predictions, f"{name}_generation": texts}
     return metrics, per_item
 
 

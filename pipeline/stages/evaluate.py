@@ -71,8 +71,8 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
             metrics |= float32_agreement(path, params, load, tokenizer, examples, items["tuned_prediction"])
         if robust and name != "dapt":  # the gate compares tuned with base and champion; dapt is compared by none
             metrics |= robustness_metrics(name, model, tokenizer, examples, params, clean_correct(examples, items, name))
-        metrics[f"{name}_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
-        metrics[f"{name}_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
+        metrics[f"{name}_ppl_domain"], metrics[f"{name}_ppl_general"] = perplexities(model, tokenizer, domain,
+                                                                                     general, params)
         del model
     found, items, champion = evaluate_champion(params, examples, domain, general, stop_ids, task_metrics, processed)
     if found:
@@ -86,6 +86,13 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
                     **{key: values[i] for key, values in per_item.items()}}
                    for i, e in enumerate(examples)]
     return metrics, predictions, champion
+
+
+def perplexities(model, tokenizer, domain: list[str], general: list[str], params: Params) -> tuple[float, float]:
+    """Perplexity on the domain and general held-out text (computed once when a profile names one file for both)."""
+    ppl_domain = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
+    return ppl_domain, ppl_domain if general == domain else perplexity(model, tokenizer, general,
+                                                                       params.evaluate.ppl_block_size)
 
 
 def float32_agreement(path, params: Params, load: dict, tokenizer, examples, chosen: list[int]) -> dict:
@@ -156,8 +163,8 @@ def evaluate_champion(params: Params, examples, domain, general, stop_ids, task_
         found |= {k: v for k, v in robustness_metrics("champion", model, tokenizer, examples, params,
                                                       clean_correct(examples, items, "champion")).items()
                   if k.startswith("champion_")}  # the item counts are this run's, already reported
-    found["champion_ppl_domain"] = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
-    found["champion_ppl_general"] = perplexity(model, tokenizer, general, params.evaluate.ppl_block_size)
+    found["champion_ppl_domain"], found["champion_ppl_general"] = perplexities(model, tokenizer, domain, general,
+                                                                                params)
     record = {"scored": True, "model_name": version.name, "version": str(version.version),
               "adapter_sha256": version.tags.get("adapter_sha256"), "n_items": len(examples), "metrics": found}
     found = {**found, "champion_version": int(version.version)}

@@ -105,3 +105,36 @@ def test_text_answers_are_trained_scored_and_parsed_as_the_options_words(tiny):
     assert parse_option(f"  {item.choices[1].upper()}.", item) == 2
     assert parse_option("none of these", item) is None
     assert parse_option("2", numbered) == 2 and parse_option("answer: 3", None) == 3
+
+
+def test_scoring_in_bfloat16_reports_the_items_that_change_against_float32(tiny, tmp_path, capsys):
+    """The evaluate stage scores in the dtype sft trained in (bfloat16 where `auto` found it faster) and counts the
+    items whose chosen option differs from float32 scoring of the same adapter."""
+    from pipeline.evaluation.scoring import choose, option_logprobs
+    from pipeline.modeling.chat_template import chat_tokenizer
+    from pipeline.modeling.loading import load_causal_lm
+    from pipeline.stages.evaluate import float32_agreement
+    from pipeline.training.sft import train_adapter
+
+    root, params = tiny
+    params = params.model_copy(update={"sft": params.sft.model_copy(update={
+        "quantization": "none", "out_dir": str(tmp_path / "adapter"), "max_steps": 4})})
+    tokenizer = chat_tokenizer(root / "base")
+    train_adapter(root / "base", examples(root / "data/train.jsonl", params), tokenizer, params, tmp_path / "adapter")
+    items = examples(root / "data/eval.jsonl", params)[:12]
+    load = {"quantization": "none", "double_quant": False, "compute_dtype": "bfloat16"}
+    from peft import PeftModel
+
+    bf16 = PeftModel.from_pretrained(load_causal_lm(root / "base", **load), tmp_path / "adapter").eval()
+    chosen = choose(option_logprobs(bf16, tokenizer, items, 4))
+    bf16_params = params.model_copy(update={"sft": params.sft.model_copy(update={"compute_dtype": "bfloat16"})})
+    found = float32_agreement(root / "base", bf16_params, load, tokenizer, items, chosen)
+    fp32 = PeftModel.from_pretrained(load_causal_lm(root / "base"), tmp_path / "adapter").eval()
+    float32 = choose(option_logprobs(fp32, tokenizer, items, 4))
+    expected = sum(a != b for a, b in zip(chosen, float32, strict=True))
+    assert found == {"tuned_float32_changed_choices": expected}
+    assert f"scored in bfloat16, {expected} of 12 items choose another option than in float32" in capsys.readouterr().out
+    # A different choice list is counted as different: the count is of this run's choices, not a constant.
+    flipped = [c % 5 + 1 for c in chosen]
+    assert float32_agreement(root / "base", bf16_params, load, tokenizer, items, flipped)[
+        "tuned_float32_changed_choices"] == sum(a != b for a, b in zip(flipped, float32, strict=True)) > 0
