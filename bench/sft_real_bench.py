@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--model", default="models/base")
-    parser.add_argument("--mcq", required=True, help="mcq records (an imported train.jsonl)")
+    parser.add_argument("--mcq", help="mcq records (an imported train.jsonl); required")
     parser.add_argument("--params", default="params-real.yaml")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on the auto side")
     parser.add_argument("--out", default=str(BENCH / "results-sft-real.json"))
@@ -137,6 +137,8 @@ def main() -> None:
         result = {"pipeline": pipeline_side, "plain": plain_side}[side](spec)
         Path(spec["result"]).write_text(json.dumps(result, indent=2), encoding="utf-8")
         return
+    if not args.mcq:
+        parser.error("--mcq is required")
     from pipeline.modeling.precision import matmul_gflops
 
     common = {"max_steps": args.steps, "eval_steps": None, "save_steps": None, "early_stopping_patience": None}

@@ -135,7 +135,7 @@ def lm_head_at_labels_only(on: bool = True) -> None:
     few answer tokens per sequence carry labels: on a CPU the head over all positions is most of a step's waste (a
     quarter of SmolLM2's forward FLOPs at 49 k vocabulary, most of Gemma 3's at 262 k) and its tiles most of the
     memory. `compact` is TRL's own code path for CUDA (the same kernel, on the labelled rows only), so loss,
-    entropy and accuracy are the same numbers (tests/training/test_sft_recipe.py compares them). `on=False` restores
+    entropy and accuracy are the same numbers (tests/training/test_lm_head.py compares them). `on=False` restores
     TRL's choice."""
     import trl.trainer.utils as trl_utils
 

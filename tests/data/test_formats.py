@@ -307,7 +307,8 @@ def test_each_format_runs_validate_train_evaluate(fmt, tiny, tmp_path, monkeypat
 
     reported = {k for k in metrics if k.startswith("tuned_") and not k.startswith(("tuned_accuracy_", "tuned_vs_"))}
     kind = eval_kind(raw["data"]["eval"]["format"])
-    assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS[kind]}, reported
+    assert reported - {"tuned_general_ppl_change"} == {f"tuned_{m}" for m in EVAL_METRICS[kind]
+                                                               if m != "float32_changed_choices"}, reported  # float32 here
     assert 0 <= metrics["tuned_eos_rate"] <= 1
     if fmt == "text":  # DAPT on the sharded corpus lowers held-out (Parquet) domain perplexity
         assert (tmp_path / "models/dapt/model.safetensors").is_file()
