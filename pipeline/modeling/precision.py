@@ -7,8 +7,8 @@ class (CPU model, the ISA flags that decide bf16 speed, torch build, threads, GP
 directory: every later run on that class reads the same numbers and chooses the same way. On a GPU, bfloat16
 where the device supports it (tensor cores), else float16; nothing to time.
 
-Quantization: 4-bit saves memory, not time, on a CPU (dequantizing every weight in every pass; measured in
-bench/README.md, "Precision"), so `auto` trains the unquantized base when the preflight estimate fits
+Quantization: 4-bit saves memory, not time, on a CPU (bench/README.md, "SFT tokens/s and peak memory": nf4 2 %
+slower than unquantized on SmolLM2), so `auto` trains the unquantized base when the preflight estimate fits
 `sft.max_memory_gb`, and nf4 + double quant when it does not.
 
 The choice is what the run is: the sft stage trains with it, writes it beside the adapter (precision.json),

@@ -113,8 +113,9 @@ def register_adapter(params: Params, metrics: dict, scored: dict) -> tuple[dict,
                   "adapter_sha256": adapter_sha256}
         # The card describes the version as registered (its tags and metrics), also when it is adopted.
         version = client.get_model_version(name, version.version)
+        as_trained = params.model_copy(update={"sft": trained})
         card, attached = attach_model_card(client, version, model_card(
-            params.model_copy(update={"sft": trained}), registered_metrics(version.tags) or metrics, version.tags, result))
+            as_trained, registered_metrics(version.tags) or metrics, version.tags, result))
         print(f"register: {'model card attached to' if attached else 'keeping the model card of'} version "
               f"{version.version}")
         mlflow.log_text(card, "model_card.md")

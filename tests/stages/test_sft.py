@@ -197,7 +197,7 @@ def test_the_stage_selects_on_validation_never_on_eval(project, monkeypatch):
     seen = {}
 
     def train_adapter(model_dir, examples, tokenizer, params, out_dir, eval_examples=None, checkpoint_dir=None,
-                      identity=None, callbacks=None):
+                      identity=None, callbacks=None, precision=None):
         seen.update(train=examples, held_out=eval_examples, identity=identity)
         return {"train": [], "eval": [], "eval_accuracy": [], "adversarial": []}
 

@@ -16,10 +16,11 @@ def one_batch_loss(trainer, batch, compact: bool):
     model.zero_grad()
     trainer._metrics["train"].clear()
     loss = trainer.compute_loss(model, dict(batch))
+    value = loss.detach().item()
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     metrics = {k: list(v) for k, v in trainer._metrics["train"].items() if k in ("entropy", "mean_token_accuracy")}
-    return float(loss), grads, metrics, torch
+    return value, grads, metrics, torch
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
