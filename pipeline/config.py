@@ -100,8 +100,10 @@ class TaskParams(Strict):
     @model_validator(mode="after")
     def _template_fields(self):
         # {passage} is optional: a template without it is for closed-book items (ARC, MMLU), whose mcq
-        # records may then leave `passage` empty (formats.needs_passage)
-        for field in ("{question}", "{choices}"):
+        # records may then leave `passage` empty (formats.needs_passage). {choices} is optional when the
+        # answer is the option's words (cloze scoring: each option's words scored after the question alone);
+        # an option number means nothing without the numbered list.
+        for field in ("{question}",) + (("{choices}",) if self.answer_format == "number" else ()):
             if field not in self.user_template:
                 raise ValueError(f"task.user_template must contain {field}")
         return self

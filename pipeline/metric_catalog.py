@@ -14,7 +14,8 @@ PERTURBATIONS = ("shuffle_choices", "typos", "distractor")  # evaluate.robustnes
 EVAL_METRICS: dict[str, dict[str, bool]] = {
     # acc_ci95_low/high: the Wilson 95 % interval of accuracy (a gate on the low end asks for a sure gain)
     "mcq": {"accuracy": True, "acc_ci95_low": True, "acc_ci95_high": True, "generation_em": True, "eos_rate": True,
-            "ppl_domain": False, "ppl_general": False,
+            # ppl_*: text packed into blocks as DAPT trains; ppl_*_doc: each document from its BOS
+            "ppl_domain": False, "ppl_general": False, "ppl_domain_doc": False, "ppl_general_doc": False,
             # robust_acc_ci95_*: resampled by item (an item's copies are not independent trials);
             # robust_clean_accuracy: clean accuracy on the same items, weighted as their copies (robustness_drop's base)
             "robust_accuracy": True, "robust_acc_ci95_low": True, "robust_acc_ci95_high": True,
@@ -24,7 +25,7 @@ EVAL_METRICS: dict[str, dict[str, bool]] = {
             "float32_changed_choices": False,
             **{f"robust_accuracy_{kind}": True for kind in PERTURBATIONS}},
     "chat": {"answer_loss": False, "answer_ppl": False, "generation_em": True, "rougeL": True, "eos_rate": True,
-             "ppl_domain": False, "ppl_general": False},
+             "ppl_domain": False, "ppl_general": False, "ppl_domain_doc": False, "ppl_general_doc": False},
 }
 
 

@@ -40,6 +40,7 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["sft"]["adversarial"].update(epsilon=0), "sft.adversarial.epsilon"),
         (lambda r: r["dapt"].update(enabled="sometimes"), "dapt.enabled"),
         (lambda r: r["task"].update(user_template="no fields"), "task"),
+        (lambda r: r["task"].update(user_template="{question}"), "task.user_template must contain {choices}"),
         (lambda r: r.pop("register"), "register"),
         (lambda r: r["data"]["train"].update(format="csv"), "data.train.format"),
         (lambda r: r["data"]["train"].update(format="text"), "data.train.format must be one of"),
@@ -82,6 +83,12 @@ def test_robust_accuracy_may_gate_and_guard_higher_is_better(tmp_path):
     params = load_params(_write(tmp_path, mutate))
     assert params.gate_higher_is_better() and params.guard_higher_is_better(params.registry.guards[-1])
     assert params.evaluate.robustness.perturbations == ["shuffle_choices", "typos", "distractor"]
+
+
+def test_a_cloze_template_needs_no_choices_list_when_the_answer_is_the_options_words(tmp_path):
+    params = load_params(_write(tmp_path, lambda r: r["task"].update(user_template="Q: {question}\nA:",
+                                                                       answer_format="text")))
+    assert params.task.user_template == "Q: {question}\nA:"
 
 
 def test_missing_params_file(tmp_path, capsys):

@@ -12,24 +12,24 @@ from pipeline.cli import cli_parser, run_cli
 from pipeline.config import load_params
 from pipeline.errors import DataError
 from pipeline.registry.lock import registry_lock
+from pipeline.registry.read import champion_version, registry_call
 from pipeline.tracking import configure, tracking_uri
 
 
 def rollback(client, name: str) -> tuple[str, str]:
     """Point `champion` at the previous champion; return (from_version, to_version)."""
-    import mlflow
-
-    try:
-        current = client.get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        raise DataError(f"registered model {name!r} has no `champion` alias: nothing to roll back") from None
+    current = champion_version(client, name)  # an unreachable registry fails after retries, not as "no champion"
+    if current is None:
+        raise DataError(f"registered model {name!r} has no `champion` alias: nothing to roll back")
     previous = current.tags.get("previous_champion")
     if not previous:
         raise DataError(f"{name}@champion is version {current.version}, the first champion: nothing to roll back to")
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    client.set_registered_model_alias(name, "champion", previous)
-    client.set_model_version_tag(name, str(current.version), "rolled_back", f"{when}: champion moved back to version {previous}")
-    client.set_model_version_tag(name, previous, "restored_from", f"{when}: rollback from version {current.version}")
+    registry_call(client.set_registered_model_alias, name, "champion", previous)
+    registry_call(client.set_model_version_tag, name, str(current.version), "rolled_back",
+                  f"{when}: champion moved back to version {previous}")
+    registry_call(client.set_model_version_tag, name, previous, "restored_from",
+                  f"{when}: rollback from version {current.version}")
     return str(current.version), previous
 
 

@@ -1,4 +1,4 @@
-"""Scoring a model on held-out items: option log-likelihoods, perplexity, greedy generation.
+"""Scoring a model on held-out items: option log-likelihoods, perplexity (packed and per document), greedy generation.
 
 MCQ accuracy is by log-likelihood: each option's answer tokens (exactly the tokens the trainer learned,
 see `option_sequences`) are scored after the chat prompt, in batched forward passes that share the
@@ -176,6 +176,23 @@ def perplexity(model, tokenizer, lines: list[str], block_size: int) -> float:
         nll += loss.item()
         count += block.shape[1] - 1
     return math.exp(nll / count)
+
+
+def document_perplexity(model, tokenizer, lines: list[str], block_size: int, batch_size: int) -> float:
+    """exp(mean token NLL) with each document scored on its own from its first token (BOS where the tokenizer
+    adds one), in windows of block_size tokens that never reach into another document.
+
+    `perplexity` packs documents into blocks as DAPT trains on them, so most blocks start mid-document without
+    the BOS the base always saw first: DAPT lowers that number partly by learning the packing (format), not the
+    domain. This one keeps every document in the shape pretraining gave it, so a drop here is domain gain."""
+    windows = []
+    for line in lines:
+        ids = document_ids(tokenizer, line)
+        for start in range(0, len(ids) - 1, block_size):
+            window = ids[start:start + block_size + 1]
+            windows.append(Encoded(input_ids=window, assistant_masks=[0] + [1] * (len(window) - 1), text=""))
+    scored = masked_logprobs(model, tokenizer, windows, batch_size)
+    return math.exp(-sum(total for total, _ in scored) / sum(count for _, count in scored))
 
 
 @no_grad

@@ -127,8 +127,9 @@ def document_ids(tokenizer, text: str) -> list[int]:
 
 
 def load_causal_lm(path: str | Path, quantization: str = "none", double_quant: bool = True,
-                   compute_dtype: str = "float32", revision: str | None = None):
-    """The model at path (following model_ref.json); `revision` pins a hub id given directly."""
+                   compute_dtype: str = "float32", revision: str | None = None, on_cpu: bool = False):
+    """The model at path (following model_ref.json); `revision` pins a hub id given directly; `on_cpu` keeps it
+    off every GPU (for work that needs no accelerator and holds no training slot)."""
     from transformers import AutoModelForCausalLM
 
     name, ref_revision = resolve_model(path)
@@ -137,7 +138,7 @@ def load_causal_lm(path: str | Path, quantization: str = "none", double_quant: b
     qconfig = quantization_config(quantization, double_quant, compute_dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    placement = device_map()
+    placement = None if on_cpu else device_map()
     if placement is not None:
         kwargs["device_map"] = placement
     return AutoModelForCausalLM.from_pretrained(name, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pipeline.config import Params
 from pipeline.metric_catalog import PAIRED_STATS, paired_key
+from pipeline.registry.read import champion_version, registry_call
 
 
 def improves(new: float, old: float, margin: float, higher_is_better: bool) -> bool:
@@ -121,26 +122,31 @@ def champion_metrics_for(champion, scored: dict) -> tuple[dict[str, float], str]
     return rescored, f"version {champion.version} re-scored in this run on the same {scored.get('n_items')} held-out items"
 
 
-def decide(params: Params, client, name: str, version, metrics: dict, scored: dict) -> tuple[bool, str, str]:
-    """Apply the gate to `version` (inside the registry lock); returns (promoted, alias, reason)."""
-    import mlflow
+def decide(params: Params, client, name: str, version, metrics: dict, scored: dict, held=None) -> tuple[bool, str, str]:
+    """Apply the gate to `version` (inside the registry lock); returns (promoted, alias, reason).
 
+    Every registry call is retried while it fails transiently and then fails the stage (registry_call); only a
+    missing alias means "no champion". The writes go in an order a crash can resume from: `previous_champion`
+    before the alias moves, `promotion` (the decision's record) last. `held` (the registry lock's Held) is
+    checked before each write: a lock lost mid-way stops the decision before anything moves."""
+    check = held.check if held is not None else (lambda: None)
     if "promotion" in version.tags:  # decided by an earlier attempt: a retry keeps that decision
         alias = next((a for a in ("champion", "challenger") if a in version.aliases), "none")
         return alias == "champion", alias, version.tags["promotion"]
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        champion = None
+    champion = champion_version(client, name)  # only a missing alias is "no champion"; an outage fails the stage
     if champion is not None and str(champion.version) == str(version.version):
         reason = "already the champion (an earlier registration of this adapter promoted it)"
-        client.set_model_version_tag(name, version.version, "promotion", reason)
+        check()
+        registry_call(client.set_model_version_tag, name, version.version, "promotion", reason)
         return True, "champion", reason
     champion_metrics, source = champion_metrics_for(champion, scored) if champion else (None, "none (no champion)")
     promoted, reason = promotion_decision(params, metrics, champion_metrics)
     alias = "champion" if promoted else "challenger"
-    client.set_registered_model_alias(name, alias, version.version)
-    client.set_model_version_tag(name, version.version, "promotion", f"{reason}; champion numbers: {source}")
     if promoted and champion is not None:
-        client.set_model_version_tag(name, version.version, "previous_champion", str(champion.version))
+        check()
+        registry_call(client.set_model_version_tag, name, version.version, "previous_champion", str(champion.version))
+    check()
+    registry_call(client.set_registered_model_alias, name, alias, version.version)
+    check()
+    registry_call(client.set_model_version_tag, name, version.version, "promotion", f"{reason}; champion numbers: {source}")
     return promoted, alias, f"{reason}; champion numbers: {source}"

@@ -7,6 +7,7 @@ and by register, which adopts a version already made for the same adapter.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,15 +23,67 @@ from pipeline.modeling.loading import (
 )
 
 
-def existing_version(client, name: str, adapter_sha256: str):
-    """The registered version of this very adapter, if an earlier (or interrupted) registration made one."""
-    import mlflow
+# Registry answers that are final: asking again gets the same answer. Any other failure (a 5xx, a refused or
+# dropped connection, a timeout) says nothing about the registry, so the call is retried with backoff and, if it
+# keeps failing, the stage fails: it never reads "no champion" or "no such version" out of an outage.
+FINAL_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
+                "PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_STATE"}
+RETRY_ATTEMPTS_ENV = "PIPELINE_REGISTRY_RETRIES"  # attempts per registry call (default 6: ~1 min of backoff)
+RETRY_WAIT_ENV = "PIPELINE_REGISTRY_RETRY_WAIT_S"  # first backoff wait, doubling up to 30 s (default 1)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed registry call may succeed when asked again."""
+    import requests
+
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in FINAL_ERRORS
+    return isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                            TimeoutError))
+
+
+def registry_call(fn, *args, **kwargs):
+    """fn(*args, **kwargs), retried with exponential backoff (and jitter) while it fails transiently; the last
+    error is raised when the attempts run out."""
+    import os
+
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+    def say(state) -> None:
+        print(f"registry: {getattr(fn, '__name__', 'call')} failed ({str(state.outcome.exception()).splitlines()[0][:160]}); "
+              f"retry {state.attempt_number} in {state.next_action.sleep:.1f} s", file=sys.stderr)
+
+    first = float(os.environ.get(RETRY_WAIT_ENV, "1"))
+    retrying = Retrying(retry=retry_if_exception(transient), reraise=True, before_sleep=say,
+                        stop=stop_after_attempt(int(os.environ.get(RETRY_ATTEMPTS_ENV, "6"))),
+                        wait=wait_exponential_jitter(initial=first, max=30, jitter=first))
+    return retrying(fn, *args, **kwargs)
+
+
+def champion_version(client, name: str):
+    """The version `name@champion` points at, None when the model has no such alias (or is not registered
+    yet); any other failure is retried, then raised."""
+    from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except mlflow.exceptions.MlflowException:
-        return None
-    same = [v for v in versions if v.tags.get("adapter_sha256") == adapter_sha256]
+        aliases = registry_call(client.get_registered_model, name).aliases
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = aliases.get("champion")
+    return None if version is None else registry_call(client.get_model_version, name, str(version))
+
+
+def existing_version(client, name: str, adapter_sha256: str):
+    """The registered version of this very adapter, if an earlier (or interrupted) registration made one.
+
+    Searched by the adapter's sha256 tag (hex: nothing to quote), then matched on the name in Python, so any
+    model name works; a registry that cannot be read fails the stage instead of passing for "none"."""
+    versions = registry_call(client.search_model_versions, f"tags.adapter_sha256 = '{adapter_sha256}'")
+    same = [v for v in versions if v.name == name and v.tags.get("adapter_sha256") == adapter_sha256]
     return min(same, key=lambda v: int(v.version)) if same else None
 
 

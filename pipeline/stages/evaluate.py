@@ -27,7 +27,7 @@ from pipeline.cli import run_cli
 from pipeline.config import Params, load_params
 from pipeline.data.formats import read_examples, read_texts
 from pipeline.evaluation.metrics import chat_metrics, mcq_metrics, paired_metrics, robustness_metrics
-from pipeline.evaluation.scoring import choose, option_logprobs, perplexity
+from pipeline.evaluation.scoring import choose, document_perplexity, option_logprobs, perplexity
 from pipeline.modeling.chat_template import require_fingerprint, stop_token_ids
 from pipeline.modeling.loading import load_causal_lm, load_tokenizer, resolve_model
 from pipeline.modeling.precision import trained_precision
@@ -71,15 +71,15 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
             metrics |= float32_agreement(path, params, load, tokenizer, examples, items["tuned_prediction"])
         if robust and name != "dapt":  # the gate compares tuned with base and champion; dapt is compared by none
             metrics |= robustness_metrics(name, model, tokenizer, examples, params, clean_correct(examples, items, name))
-        metrics[f"{name}_ppl_domain"], metrics[f"{name}_ppl_general"] = perplexities(model, tokenizer, domain,
-                                                                                     general, params)
+        metrics |= {f"{name}_{key}": value for key, value in perplexities(model, tokenizer, domain, general,
+                                                                           params).items()}
         del model
     found, items, champion = evaluate_champion(params, examples, domain, general, stop_ids, task_metrics, processed)
     if found:
         metrics |= found
         per_item |= items
     if dapt_is_base:
-        metrics["dapt_ppl_domain"], metrics["dapt_ppl_general"] = metrics["base_ppl_domain"], metrics["base_ppl_general"]
+        metrics |= {f"dapt_{key}": metrics[f"base_{key}"] for key in PERPLEXITIES}
     metrics |= comparisons(params, metrics, examples, per_item, champion)
     predictions = [{"id": e.id, "source": e.source, "category": e.category,
                     **({"answer": e.answer} if e.answer is not None else {"reference": e.messages[-1]["content"]}),
@@ -88,11 +88,20 @@ def evaluate_models(params: Params) -> tuple[dict, list[dict], dict]:
     return metrics, predictions, champion
 
 
-def perplexities(model, tokenizer, domain: list[str], general: list[str], params: Params) -> tuple[float, float]:
-    """Perplexity on the domain and general held-out text (computed once when a profile names one file for both)."""
-    ppl_domain = perplexity(model, tokenizer, domain, params.evaluate.ppl_block_size)
-    return ppl_domain, ppl_domain if general == domain else perplexity(model, tokenizer, general,
-                                                                       params.evaluate.ppl_block_size)
+PERPLEXITIES = ("ppl_domain", "ppl_general", "ppl_domain_doc", "ppl_general_doc")
+
+
+def perplexities(model, tokenizer, domain: list[str], general: list[str], params: Params) -> dict[str, float]:
+    """Perplexity on the domain and general held-out text, packed into blocks as DAPT trains (`ppl_*`) and per
+    document from its BOS (`ppl_*_doc`); computed once when a profile names one file for both."""
+    block, batch = params.evaluate.ppl_block_size, params.evaluate.batch_size
+    found = {"ppl_domain": perplexity(model, tokenizer, domain, block),
+             "ppl_domain_doc": document_perplexity(model, tokenizer, domain, block, batch)}
+    same = general == domain
+    found["ppl_general"] = found["ppl_domain"] if same else perplexity(model, tokenizer, general, block)
+    found["ppl_general_doc"] = found["ppl_domain_doc"] if same else document_perplexity(model, tokenizer, general,
+                                                                                        block, batch)
+    return found
 
 
 def float32_agreement(path, params: Params, load: dict, tokenizer, examples, chosen: list[int]) -> dict:
@@ -130,6 +139,8 @@ def comparisons(params: Params, metrics: dict, examples, per_item: dict, champio
         if champion.get("scored"):
             champion["paired"] = {k: v for k, v in paired.items() if k.startswith("tuned_vs_champion_")}
     found["dapt_domain_ppl_reduction"] = 1 - metrics["dapt_ppl_domain"] / metrics["base_ppl_domain"]
+    # The same per document from its BOS: the part of the reduction that is domain, not packing format.
+    found["dapt_domain_doc_ppl_reduction"] = 1 - metrics["dapt_ppl_domain_doc"] / metrics["base_ppl_domain_doc"]
     found["dapt_general_ppl_change"] = metrics["dapt_ppl_general"] / metrics["base_ppl_general"] - 1
     # Forgetting of what is shipped (DAPT + adapter), relative to the base.
     found["tuned_general_ppl_change"] = metrics["tuned_ppl_general"] / metrics["base_ppl_general"] - 1
@@ -163,8 +174,8 @@ def evaluate_champion(params: Params, examples, domain, general, stop_ids, task_
         found |= {k: v for k, v in robustness_metrics("champion", model, tokenizer, examples, params,
                                                       clean_correct(examples, items, "champion")).items()
                   if k.startswith("champion_")}  # the item counts are this run's, already reported
-    found["champion_ppl_domain"], found["champion_ppl_general"] = perplexities(model, tokenizer, domain, general,
-                                                                                params)
+    found |= {f"champion_{key}": value for key, value in perplexities(model, tokenizer, domain, general,
+                                                                        params).items()}
     record = {"scored": True, "model_name": version.name, "version": str(version.version),
               "adapter_sha256": version.tags.get("adapter_sha256"), "n_items": len(examples), "metrics": found}
     found = {**found, "champion_version": int(version.version)}

@@ -9,7 +9,8 @@ moves to the new version only when it beats both the base and the current champi
 by `min_improvement`, in the metric's direction (accuracy up, loss/perplexity down); otherwise the
 version gets alias `challenger`. Tag `promotion` says why, and which champion numbers were compared.
 Then the version gets its model card (pipeline/registry/model_card.py): README.md in its files, its description,
-the run's `model_card.md` and reports/model_card.md. The whole registration holds the registry lock.
+the run's `model_card.md` and reports/model_card.md. The registry lock is held from the registry read to the
+alias move, not during the uploads.
 
 The gate is pipeline/registry/gate.py, the lineage tags pipeline/registry/lineage.py; this module logs,
 registers and moves aliases.
@@ -71,55 +72,74 @@ def register_adapter(params: Params, metrics: dict, scored: dict) -> tuple[dict,
     Idempotent: the version is created with all its tags at once (never an untagged version), and a
     rerun or retry with the same adapter (same sha256) adopts the version already made instead of
     adding a duplicate; a version whose gate already ran keeps its decision, one with a card keeps it.
-    Returns the registration record (reports/registry.json) and the version's card (markdown)."""
-    from peft import PeftModel
+    The uploads (base artifact, adapter) happen before the registry lock is taken: the lock is held only to
+    read the registry, register the version, decide and move aliases, so a large upload never blocks another
+    registration. Returns the registration record (reports/registry.json) and the version's card (markdown)."""
+    from mlflow import MlflowClient
 
     import mlflow
-    from mlflow import MlflowClient
 
     name = params.registry.model_name
     adapter_dir = Path(params.sft.out_dir)
-    trained = trained_precision(params).sft  # the precision it was trained in (`auto` resolved by sft)
     adapter_sha256 = file_sha256(adapter_dir / "adapter_model.safetensors")
-    # The adapter sits on the DAPT output (or the base when DAPT is off).
-    base_name, revision = resolve_model(params.dapt.out_dir)
-    with registry_lock(tracking_uri(params), name), stage_run(params, "register") as run:
+    with stage_run(params, "register") as run:
         client = MlflowClient()
         version = existing_version(client, name, adapter_sha256)
         mlflow.log_params({"model_name": name, "gate_metric": params.registry.gate_metric,
                            "min_improvement": params.registry.min_improvement})
         mlflow.log_metrics(metrics)
-        if version is not None:
-            print(f"register: adapter {adapter_sha256[:12]} is already version {version.version}; adopting it")
-            mlflow.set_tag("adopted_version", version.version)
-        else:
-            base = base_artifact(client, run.info.experiment_id, base_name, revision)
-            tokenizer = load_tokenizer(adapter_dir)
-            model = PeftModel.from_pretrained(load_causal_lm(base["local"], revision=revision,
-                                                             compute_dtype=trained.compute_dtype), str(adapter_dir))
-            mlflow.log_dict(public_params(params), "params.json")
-            info = mlflow.transformers.log_model(
-                {"model": model, "tokenizer": tokenizer}, name="adapter", task="text-generation",
-                base_model_path=base["local"], pip_requirements=[f"{lib}=={pkg_version(lib)}" for lib in LIBRARIES])
-            tags = lineage_tags(params, metrics, base, tokenizer, adapter_sha256)
-            # The run key stays on the version only: on the run it would make stage_run's parent search find
-            # this stage run instead of the pipeline's run, and a later stage of the same key nest under it.
-            mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.") and k != RUN_KEY_TAG})
-            version = mlflow.register_model(info.model_uri, name, tags=tags)  # version and tags in one call
-        promoted, alias, reason = decide(params, client, name, client.get_model_version(name, version.version),
-                                         metrics, scored)
+        logged = None if version is not None else log_adapter(params, client, run, metrics, adapter_sha256)
+        with registry_lock(tracking_uri(params), name) as held:
+            if logged is not None:  # another registration of the same adapter may have finished meanwhile
+                version = existing_version(client, name, adapter_sha256)
+            if version is not None:
+                print(f"register: adapter {adapter_sha256[:12]} is already version {version.version}; adopting it")
+                mlflow.set_tag("adopted_version", version.version)
+            else:
+                held.check()
+                version = mlflow.register_model(logged["uri"], name, tags=logged["tags"])  # version + tags at once
+            promoted, alias, reason = decide(params, client, name, client.get_model_version(name, version.version),
+                                             metrics, scored, held)
         result = {"model_name": name, "version": str(version.version), "alias": alias, "promoted": promoted,
                   "reason": reason, "run_id": run.info.run_id, "model_uri": f"models:/{name}/{version.version}",
                   "adapter_sha256": adapter_sha256}
         # The card describes the version as registered (its tags and metrics), also when it is adopted.
         version = client.get_model_version(name, version.version)
-        as_trained = params.model_copy(update={"sft": trained})
+        as_trained = params.model_copy(update={"sft": trained_precision(params).sft})
         card, attached = attach_model_card(client, version, model_card(
             as_trained, registered_metrics(version.tags) or metrics, version.tags, result))
         print(f"register: {'model card attached to' if attached else 'keeping the model card of'} version "
               f"{version.version}")
         mlflow.log_text(card, "model_card.md")
         return result, card
+
+
+def log_adapter(params: Params, client, run, metrics: dict, adapter_sha256: str) -> dict:
+    """Upload what a new version is made of (outside the registry lock): the base artifact (once per base), the
+    adapter as an MLflow transformers model, the params; returns the model URI and the version's lineage tags.
+
+    The model is loaded on the CPU: registering only serialises it, and a GPU here would be taken outside the
+    training slot that keeps two runs off one device."""
+    from peft import PeftModel
+
+    import mlflow
+
+    adapter_dir = Path(params.sft.out_dir)
+    trained = trained_precision(params).sft  # the precision it was trained in (`auto` resolved by sft)
+    base_name, revision = resolve_model(params.dapt.out_dir)  # the adapter sits on the DAPT output (or the base)
+    base = base_artifact(client, run.info.experiment_id, base_name, revision)
+    tokenizer = load_tokenizer(adapter_dir)
+    model = PeftModel.from_pretrained(load_causal_lm(base["local"], revision=revision, on_cpu=True,
+                                                     compute_dtype=trained.compute_dtype), str(adapter_dir))
+    mlflow.log_dict(public_params(params), "params.json")
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer}, name="adapter", task="text-generation",
+        base_model_path=base["local"], pip_requirements=[f"{lib}=={pkg_version(lib)}" for lib in LIBRARIES])
+    tags = lineage_tags(params, metrics, base, tokenizer, adapter_sha256)
+    # The run key stays on the version only: on the run it would make stage_run's parent search find
+    # this stage run instead of the pipeline's run, and a later stage of the same key nest under it.
+    mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.") and k != RUN_KEY_TAG})
+    return {"uri": info.model_uri, "tags": tags}
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from pipeline.artifacts import RUN_IDENTITY
@@ -108,6 +109,30 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
     return None
 
 
+STALE_CHECKPOINTS_S = 7 * 24 * 3600  # another run's checkpoints untouched this long are pruned (a killed run's)
+
+
+def run_checkpoint_dir(checkpoint_root: Path, identity: dict | None) -> Path:
+    """Where this run's checkpoints go: a directory per run identity under `sft.checkpoint_dir`, so a run of the
+    same identity resumes its own and a run with other params or data starts fresh beside it, never blocked
+    by (nor deleting) a killed run's checkpoints. Other identities' directories untouched for a week are
+    pruned. Without an identity (benches), the root itself."""
+    if not identity:
+        return checkpoint_root
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    if checkpoint_root.is_dir() and is_main_process():
+        now = time.time()
+        for other in checkpoint_root.iterdir():
+            if other.name == key or not other.is_dir() or not (other / RUN_IDENTITY).is_file():
+                continue  # ours, or not a run's checkpoint directory: left alone
+            newest = max((p.stat().st_mtime for p in other.rglob("*")), default=other.stat().st_mtime)
+            if now - newest > STALE_CHECKPOINTS_S:
+                print(f"sft: pruning {other} (checkpoints of another run, untouched for "
+                      f"{(now - newest) / 86400:.0f} days)")
+                shutil.rmtree(other, ignore_errors=True)
+    return checkpoint_root / key
+
+
 def resume_point(checkpoint_dir: Path, identity: dict, resume: str) -> str | None:
     """The checkpoint to resume from, None to start fresh; refuses a checkpoint of another run."""
     if resume == "fresh" or not checkpoint_dir.is_dir():
@@ -161,7 +186,8 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
     # model: quantized base (the adapter is added by the trainer from peft_config)
     model = training_model(model_dir, sft)
     # checkpoints: resume only a run of the same identity
-    work = Path(checkpoint_dir) if checkpoint_dir else Path(out_dir).parent / f".{Path(out_dir).name}-work"
+    work = run_checkpoint_dir(Path(checkpoint_dir) if checkpoint_dir else Path(out_dir).parent / f".{Path(out_dir).name}-work",
+                              identity)
     resume = resume_point(work, identity or {}, sft.resume) if sft.save_steps else None
     work.mkdir(parents=True, exist_ok=True)
     if identity is not None and is_main_process():
@@ -177,6 +203,8 @@ def train_adapter(model_dir: Path, examples: list[Example], tokenizer, params: P
                                "reason": "set in params"}
         save_atomically(out_dir, trainer.model, tokenizer, StableAdapterConfig(), PrecisionRecord(record))
         shutil.rmtree(work, ignore_errors=True)  # finished: the checkpoints have served
+        if work.parent.is_dir() and not any(work.parent.iterdir()):
+            work.parent.rmdir()
     return training_logs(trainer)
 
 

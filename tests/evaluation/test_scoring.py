@@ -53,6 +53,33 @@ def test_option_scoring_and_perplexity(tiny):
     assert 1 < ppl < 10 * len(tokenizer)
 
 
+def test_document_perplexity_scores_each_document_alone_from_its_start(tiny):
+    import math
+
+    import torch
+
+    from pipeline.evaluation.scoring import document_perplexity, perplexity
+    from pipeline.modeling.loading import document_ids, load_causal_lm, load_tokenizer
+
+    root, _ = tiny
+    tokenizer, model = load_tokenizer(root / "base"), load_causal_lm(root / "base").eval()
+    docs = lines(root / "data/domain_eval.txt")[:5]
+    block = 6
+    assert max(len(document_ids(tokenizer, d)) for d in docs) > block + 1  # some documents span several windows
+    nll, count = 0.0, 0
+    with torch.no_grad():  # by hand: one unpadded window at a time, never across a document's end
+        for doc in docs:
+            ids = document_ids(tokenizer, doc)
+            for start in range(0, len(ids) - 1, block):
+                window = torch.tensor([ids[start:start + block + 1]])
+                logits = model(input_ids=window[:, :-1]).logits[0].float()
+                nll += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+                count += window.shape[1] - 1
+    assert document_perplexity(model, tokenizer, docs, block, 4) == pytest.approx(math.exp(nll / count), rel=1e-4)
+    # Packing runs documents into each other's blocks: another number on the same text.
+    assert perplexity(model, tokenizer, docs, block) != pytest.approx(math.exp(nll / count), rel=1e-3)
+
+
 def test_accuracy_interval_is_the_wilson_score_interval():
     from pipeline.evaluation.statistics import accuracy_ci95
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -115,14 +116,14 @@ def test_stage_is_deterministic_and_a_killed_run_resumes_to_the_same_adapter(pro
     # with the same adapter bytes (determinism and exact resume in one).
     proc = run_stage(project, out=f"models/{name}-c", **method)
     deadline = time.monotonic() + 240
-    while not (project / f"checkpoints/{name}-c/checkpoint-16/trainer_state.json").is_file():  # written last
+    while not list(project.glob(f"checkpoints/{name}-c/*/checkpoint-16/trainer_state.json")):  # written last
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (project / f"models/{name}-c").exists()  # nothing half-written
     resumed = finish(run_stage(project, out=f"models/{name}-c", **method))
-    assert f"resuming from checkpoints/{name}-c/checkpoint-16" in resumed
+    assert re.search(rf"resuming from checkpoints/{name}-c/[0-9a-f]{{16}}/checkpoint-16", resumed), resumed[-2000:]
     assert sha256(project / f"models/{name}-c/adapter_model.safetensors") == reference
     # The whole directory is the same bytes too (DVC hashes it), across processes with other hash seeds.
     assert {p.name: sha256(p) for p in (project / f"models/{name}-c").iterdir()} == \
@@ -155,14 +156,14 @@ class Interrupt(Exception):
     pass
 
 
-def test_a_checkpoint_of_another_run_is_refused(project, tmp_path):
+def test_a_run_with_other_params_starts_beside_a_killed_runs_checkpoints(project, tmp_path):
     from transformers import TrainerCallback
 
     from pipeline.config import Params
     from pipeline.data.formats import read_examples
     from pipeline.errors import DataError
     from pipeline.modeling.chat_template import chat_tokenizer
-    from pipeline.training.sft import resume_point, run_identity, train_adapter
+    from pipeline.training.sft import STALE_CHECKPOINTS_S, resume_point, run_checkpoint_dir, run_identity, train_adapter
 
     class StopAfterFirstCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -175,17 +176,28 @@ def test_a_checkpoint_of_another_run_is_refused(project, tmp_path):
     with pytest.raises(Interrupt):  # as if killed right after the first checkpoint
         train_adapter(project / "models/base", read_examples(processed, "train"), chat_tokenizer(project / "models/base"),
                       params, tmp_path / "adapter", None, tmp_path / "ckpt", identity, [StopAfterFirstCheckpoint()])
-    assert (tmp_path / "ckpt/checkpoint-8").is_dir() and not (tmp_path / "adapter").exists()
-    assert resume_point(tmp_path / "ckpt", identity, "auto").endswith("checkpoint-8")
-    (tmp_path / "ckpt/checkpoint-16").mkdir()  # as if killed while saving the next one: skipped
-    (tmp_path / "ckpt/checkpoint-16/adapter_model.safetensors").write_bytes(b"partial")
-    assert resume_point(tmp_path / "ckpt", identity, "auto").endswith("checkpoint-8")
+    mine = run_checkpoint_dir(tmp_path / "ckpt", identity)
+    assert (mine / "checkpoint-8").is_dir() and not (tmp_path / "adapter").exists()
+    assert resume_point(mine, identity, "auto").endswith("checkpoint-8")
+    (mine / "checkpoint-16").mkdir()  # as if killed while saving the next one: skipped
+    (mine / "checkpoint-16/adapter_model.safetensors").write_bytes(b"partial")
+    assert resume_point(mine, identity, "auto").endswith("checkpoint-8")
+    # Another run (other params) gets a directory of its own: it starts fresh, and the killed run's stays.
     other = run_identity(Params.model_validate(params_with(project, max_steps=16, learning_rate=0.001)),
                          project / "models/base", data)
-    with pytest.raises(DataError, match=r"ckpt: the checkpoints were written by a run with different params; .*"
+    theirs = run_checkpoint_dir(tmp_path / "ckpt", other)
+    assert theirs != mine and resume_point(theirs, other, "auto") is None and (mine / "checkpoint-8").is_dir()
+    # A directory whose identity file says otherwise (copied by hand) is still refused, never mixed.
+    (mine / "run_identity.json").write_text(json.dumps(other), encoding="utf-8")
+    with pytest.raises(DataError, match=r"the checkpoints were written by a run with different params; .*"
                                         r"Set sft.resume: fresh"):
-        resume_point(tmp_path / "ckpt", other, "auto")
-    assert resume_point(tmp_path / "ckpt", other, "fresh") is None and not (tmp_path / "ckpt").exists()
+        resume_point(mine, identity, "auto")
+    # Checkpoints of another run untouched for longer than the limit are pruned; recent ones are kept.
+    old = time.time() - STALE_CHECKPOINTS_S - 60
+    for path in [mine, *mine.rglob("*")]:
+        os.utime(path, (old, old))
+    assert run_checkpoint_dir(tmp_path / "ckpt", other) == theirs and not mine.exists()
+    assert resume_point(theirs, other, "fresh") is None and not theirs.exists()
 
 
 def test_the_stage_selects_on_validation_never_on_eval(project, monkeypatch):
