@@ -39,6 +39,7 @@ from flows.processes import (
     wait_for_http,
     wait_for_port,
 )
+from pipeline.artifacts import write_text_atomically
 from pipeline.errors import DataError
 
 WORK_POOL = "training"
@@ -109,7 +110,7 @@ class Team:
 
     def save(self) -> None:
         self.state["ports"] = self.ports
-        self.state_file.write_text(json.dumps(self.state, indent=2) + "\n", encoding="utf-8")
+        write_text_atomically(self.state_file, json.dumps(self.state, indent=2) + "\n")  # never a truncated team.json
 
     # --- PostgreSQL ---------------------------------------------------------------------------------
     def password(self, role: str) -> str:

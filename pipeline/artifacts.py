@@ -9,6 +9,7 @@ imports another stage just to learn a file name (and DVC never reruns one becaus
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -44,19 +45,52 @@ MODEL_CARD = Path("reports/model_card.md")
 
 
 @contextmanager
-def replaced_whole(out_dir: str | Path) -> Iterator[Path]:
+def replaced_whole(out_dir: str | Path, owned_by: str | None = None) -> Iterator[Path]:
     """Yield a fresh directory beside out_dir to write into; when the block ends without error it replaces
-    out_dir in one rename. An error (or a crash) leaves the previous output, or nothing, never half of one."""
+    out_dir: the old one is renamed aside, the new one renamed in, then the old one removed. An error (or a
+    crash) leaves the previous output (at worst renamed aside, beside it), never half of one.
+
+    `owned_by`: a file this writer always puts in its output. An existing, non-empty out_dir without it was not
+    written here (a user's `data/`, a whole project dir): it is refused before anything is written, never
+    replaced."""
+    from pipeline.errors import DataError
+
     out_dir = Path(out_dir)
+    if owned_by and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / owned_by).is_file():
+        raise DataError(f"{out_dir}: exists and was not written by this command (no {owned_by} in it); refusing "
+                        "to replace it. Choose a new or empty output directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    old = None
     try:
         yield tmp
         tmp.chmod(0o755)
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
+            out_dir.rename(old / out_dir.name)
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write a file whole: into a temporary file beside it, flushed to disk, then renamed over it, so a crash
+    leaves the previous file or the new one, never a truncated one that breaks the next reader."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644 if not path.exists() else path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(*paths: str | Path) -> str:

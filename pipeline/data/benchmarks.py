@@ -116,7 +116,7 @@ def carve(items: list[dict], n_eval: int, n_validation: int, by_question: bool =
 
 def write_atomically(out_dir: Path, files: dict[str, str], manifest: dict) -> None:
     """Every file plus the source manifest, swapped in whole (no half-written dataset)."""
-    with replaced_whole(out_dir) as tmp:
+    with replaced_whole(out_dir, owned_by=DATASET_SOURCE) as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / DATASET_SOURCE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

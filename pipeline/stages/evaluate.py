@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.artifacts import CHAMPION_SCORED, EVAL_METRICS, PREDICTIONS, SCORES
+from pipeline.artifacts import CHAMPION_SCORED, EVAL_METRICS, PREDICTIONS, SCORES, write_text_atomically
 from pipeline.cli import run_cli
 from pipeline.config import Params, load_params
 from pipeline.data.formats import read_examples, read_texts
@@ -209,13 +209,12 @@ def main() -> None:
     score = score_name(params)
     with stage_run(params, "evaluate"):
         metrics, predictions, champion = evaluate_models(params)
-        for path in (metrics_path, preds_path, plot_path, champion_path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        champion_path.write_text(json.dumps(champion, indent=2) + "\n", encoding="utf-8")
-        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        preds_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
-        plot_path.write_text("model,score\n" + "".join(
+        # each file whole (temp file + rename): a crash mid-write never leaves a truncated one for the next reader
+        write_text_atomically(champion_path, json.dumps(champion, indent=2) + "\n")
+        write_text_atomically(preds_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+        write_text_atomically(plot_path, "model,score\n" + "".join(
             f"{n},{metrics[f'{n}_{score}']:.4f}\n" for n in MODELS if f"{n}_{score}" in metrics))
+        write_text_atomically(metrics_path, json.dumps(metrics, indent=2) + "\n")  # last: the stage's summary
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(preds_path), "evaluation")
         mlflow.log_artifact(str(metrics_path), "evaluation")

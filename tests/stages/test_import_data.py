@@ -85,6 +85,26 @@ def test_korean_law_text_keeps_held_out_lines_out_of_the_corpus(tmp_path):
     assert any("대한민국" in line for line in corpus)  # real Hangul text, not generated
 
 
+def test_an_output_directory_the_importer_did_not_write_is_refused_untouched(tmp_path):
+    import subprocess
+    import sys
+
+    mine = tmp_path / "data"
+    (mine / "sample").mkdir(parents=True)
+    (mine / "sample/train.jsonl").write_text('{"a": 1}\n', encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.stages.import_data", "kolaw", "--out", str(mine)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "was not written by this command (no SOURCE.json in it)" in proc.stderr, proc.stderr
+    assert (mine / "sample/train.jsonl").read_text(encoding="utf-8") == '{"a": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written beside it either
+    # Its own output (SOURCE.json inside) is replaced whole, again and again.
+    import_korean("kolaw", tmp_path / "kolaw", 10)
+    first = (tmp_path / "kolaw/domain_eval.txt").read_bytes()
+    import_korean("kolaw", tmp_path / "kolaw", 5)
+    assert (tmp_path / "kolaw/domain_eval.txt").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "kolaw"]  # no temp or old copy left behind
+
+
 def test_a_missing_package_is_a_clear_error(monkeypatch):
     from pipeline.errors import DataError
     from pipeline.modeling.packaged import installed_file
