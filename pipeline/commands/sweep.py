@@ -193,6 +193,21 @@ def sweep_figure(results: dict[str, dict], metric: str):
     return fig
 
 
+def promote_best(best: str, rev: str, env: dict, run_key: str) -> dict:
+    """Apply the best experiment to the workspace and register it (`dvc repro register`), under the checkout's
+    pipeline lock (flows/lock.py): a scheduled or manual run of the same checkout never interleaves with it.
+    Returns reports/registry.json."""
+    from flows.lock import pipeline_lock
+
+    with pipeline_lock(Path.cwd(), f"sweep: apply and register {best}"):
+        apply_experiment(best, rev, env)
+        register_env = {**env, "PIPELINE_RUN_KEY": run_key}
+        register_env.pop(SWEEP_RUN_ENV, None)
+        proc = dvc("repro", "register", env=register_env)
+        print(proc.stdout[-1500:])
+        return json.loads(Path("reports/registry.json").read_text(encoding="utf-8"))
+
+
 def run_sweep(sets: list[str], jobs: int = 1, target: str = "evaluate", promote: bool = True,
               timeout: float = 6 * 3600) -> dict:
     import mlflow
@@ -260,12 +275,7 @@ def run_sweep(sets: list[str], jobs: int = 1, target: str = "evaluate", promote:
               f"{results[best][SELECT_ON[0]]:.4f}, loss {results[best][SELECT_ON[1]]:.4f}); its {gate} on eval "
               f"{results[best].get(gate, float('nan')):.4f} goes to the gate")
         if promote:
-            apply_experiment(best, rows[best]["rev"], env)
-            register_env = {**env, "PIPELINE_RUN_KEY": f"{key}-{best}"}
-            register_env.pop(SWEEP_RUN_ENV)
-            proc = dvc("repro", "register", env=register_env)
-            print(proc.stdout[-1500:])
-            registry = json.loads(Path("reports/registry.json").read_text(encoding="utf-8"))
+            registry = promote_best(best, rows[best]["rev"], env, f"{key}-{best}")
             summary["registered"] = registry
             client.set_tag(parent_id, "promotion", f"{registry['model_uri']} -> @{registry['alias']}: {registry['reason']}")
         Path("reports").mkdir(exist_ok=True)

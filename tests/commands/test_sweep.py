@@ -118,3 +118,17 @@ def test_the_best_experiment_is_the_best_on_validation_not_on_eval():
     assert best_experiment(results) == "tie-lower-loss"
     assert best_experiment({k: v for k, v in results.items() if k != "tie-lower-loss"}) == "validation-best"
     assert best_experiment({"no-validation": {"tuned_accuracy": 1.0}}) is None
+
+
+def test_applying_and_registering_the_best_waits_for_the_checkouts_pipeline_lock(tmp_path, monkeypatch):
+    """`dvc exp apply` + `dvc repro register` change the workspace: never beside a scheduled or manual run."""
+    from flows.lock import PipelineBusy, pipeline_lock
+    from pipeline.commands.sweep import promote_best
+
+    monkeypatch.chdir(tmp_path)
+    held: list[str] = []
+    with pipeline_lock(tmp_path, "a scheduled run", log=held.append):
+        monkeypatch.setenv("PIPELINE_LOCK_TIMEOUT", "1")
+        with pytest.raises(PipelineBusy, match="a scheduled run"):
+            promote_best("exp-best", "0" * 40, {}, "key-exp-best")
+    assert not (tmp_path / "reports").exists()  # nothing applied, nothing registered
