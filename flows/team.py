@@ -7,9 +7,10 @@
 
 Everything binds 127.0.0.1. State lives in TEAM_DIR (default `.team/`, not committed): `pg/` the database
 cluster, `artifacts/` the MLflow artifact store (proxied by the MLflow server: clients need no access to
-it), `logs/`, `team.json` (ports and process ids) and `pgpass` (mode 0600), the only file holding the
-database passwords. Passwords never appear in a URL, a command line, a tag or a log: libpq (MLflow,
-the registry lock) and asyncpg (Prefect) read them from that file through PGPASSFILE.
+it), `logs/` (the server user's own `logs/postgres/`), `team.json` (ports and process ids), `pgpass` (mode
+0600: the clients' file, with the `registry_lock` role's password only) and `secrets/` (mode 0700: one pgpass per
+server role, the superuser's included). Passwords never appear in a URL, a command line, a tag or a log: libpq
+(MLflow, the registry lock) and asyncpg (Prefect) read them from a pgpass file through PGPASSFILE.
 
 Databases: `mlflow` (MLflow's tracking and registry store), `prefect` (the Prefect server's), and `locks`,
 which a `registry_lock` role may only connect to: registrations take a PostgreSQL advisory lock there
@@ -81,6 +82,26 @@ def pg_tool(name: str) -> str:
     return found
 
 
+def write_secret(path: Path, text: str) -> None:
+    """Create `path` readable by its owner only, with mode 0600 from its first byte (not created under the umask
+    and chmod'ed after), never through a symlink planted where it goes."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def open_log(path: Path):
+    """A server's log, opened for appending without following a symlink: a log name planted as a link to another
+    file cannot make this (root) process append to that file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open the log safely ({exc.strerror}); it must be a plain file, "
+                        "not a symlink") from None
+    return os.fdopen(fd, "ab")
+
+
 def as_server_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", SERVER_USER, "--", *cmd] if os.geteuid() == 0 else cmd
 
@@ -91,8 +112,10 @@ class Team:
     def __init__(self, root: Path | None = None, port_numbers: dict[str, int] | None = None):
         self.root = (root or team_dir()).resolve()
         self.state_file = self.root / "team.json"
-        self.pgpass = self.root / "pgpass"
+        self.pgpass = self.root / "pgpass"  # the clients' (workers', users'): the registry_lock role's password only
+        self.secrets = self.root / "secrets"  # mode 0700: one pgpass per server role, superuser included
         self.logs = self.root / "logs"
+        self.pg_logs = self.logs / "postgres"  # the server user's own log directory (it writes nowhere else)
         self.state = json.loads(self.state_file.read_text(encoding="utf-8")) if self.state_file.is_file() else {}
         self.ports = self.state.get("ports") or port_numbers or ports()
 
@@ -113,30 +136,48 @@ class Team:
         write_text_atomically(self.state_file, json.dumps(self.state, indent=2) + "\n")  # never a truncated team.json
 
     # --- PostgreSQL ---------------------------------------------------------------------------------
+    def role_pgpass(self, role: str) -> Path:
+        """The pgpass holding `role`'s password alone: the clients' file for the lock role, a secret otherwise."""
+        return self.pgpass if role == LOCK_ROLE else self.secrets / f"pgpass-{role}"
+
     def password(self, role: str) -> str:
-        for line in self.pgpass.read_text(encoding="utf-8").splitlines():
+        path = self.role_pgpass(role)
+        for line in path.read_text(encoding="utf-8").splitlines():
             fields = line.split(":")
             if fields[3] == role:
                 return fields[4]
-        raise DataError(f"{self.pgpass}: no password for role {role}")
+        raise DataError(f"{path}: no password for role {role}")
+
+    def write_passwords(self, passwords: dict[str, str]) -> None:
+        """Each role's pgpass line in a file of its own: the MLflow server gets the `mlflow` role's, the Prefect
+        server the `prefect` role's, the team's own setup the superuser's, and every client (workers, users'
+        shells) only the lock role's, so a client's credentials open the lock database and nothing else."""
+        pg = self.ports["pg"]
+        database = {"postgres": "*", LOCK_ROLE: LOCK_DB}  # the others: a database of their own name
+        self.secrets.mkdir(mode=0o700, exist_ok=True)
+        self.secrets.chmod(0o700)
+        for role, password in passwords.items():
+            write_secret(self.role_pgpass(role), f"127.0.0.1:{pg}:{database.get(role, role)}:{role}:{password}\n")
+
+    def split_legacy_pgpass(self) -> None:
+        """A team dir made before the split keeps every role in `pgpass`: move each into its own file."""
+        if self.secrets.is_dir() or not self.pgpass.is_file():
+            return
+        lines = [line.split(":") for line in self.pgpass.read_text(encoding="utf-8").splitlines() if line]
+        self.write_passwords({fields[3]: fields[4] for fields in lines})
 
     def init_postgres(self) -> None:
         data = self.root / "pg"
         if (data / "PG_VERSION").is_file():
+            self.split_legacy_pgpass()
             return
         check_reachable(self.root)
         roles = ["postgres", *DATABASES, LOCK_ROLE]
         passwords = {r: secrets.token_urlsafe(24) for r in roles}
-        pg = self.ports["pg"]
-        self.pgpass.touch(mode=0o600)
-        self.pgpass.chmod(0o600)
-        database = {"postgres": "*", LOCK_ROLE: LOCK_DB}  # the others: a database of their own name
-        self.pgpass.write_text("".join(f"127.0.0.1:{pg}:{database.get(r, r)}:{r}:{passwords[r]}\n" for r in roles),
-                               encoding="utf-8")
+        self.write_passwords(passwords)
         data.mkdir(mode=0o700)
         pwfile = self.root / "pg.pw"
-        pwfile.write_text(passwords["postgres"] + "\n", encoding="utf-8")
-        pwfile.chmod(0o600)
+        write_secret(pwfile, passwords["postgres"] + "\n")  # 0600 from its first byte, then given to the server user
         if os.geteuid() == 0:
             user = pwd.getpwnam(SERVER_USER)
             for path in (data, pwfile):
@@ -153,9 +194,11 @@ class Team:
         self.save()
 
     def start_postgres(self) -> None:
-        data, log = self.root / "pg", self.logs / "postgres.log"
-        if os.geteuid() == 0:
-            self.logs.chmod(0o777)  # the server user writes its log here
+        data, log = self.root / "pg", self.pg_logs / "postgres.log"
+        self.pg_logs.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:  # the server user writes its log in a directory of its own, no one else's
+            user = pwd.getpwnam(SERVER_USER)
+            os.chown(self.pg_logs, user.pw_uid, user.pw_gid)
         options = f"-c listen_addresses=127.0.0.1 -p {self.ports['pg']} -c unix_socket_directories=''"
         proc = subprocess.run(as_server_user([pg_tool("pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
                                               "-w", "-t", "60", "start"]), capture_output=True, text=True)
@@ -168,7 +211,7 @@ class Team:
         import psycopg2
 
         return psycopg2.connect(host="127.0.0.1", port=self.ports["pg"], user=role, dbname=database,
-                                passfile=str(self.pgpass), connect_timeout=10)
+                                passfile=str(self.role_pgpass(role)), connect_timeout=10)
 
     def create_databases(self) -> None:
         from psycopg2 import sql
@@ -195,8 +238,7 @@ class Team:
 
     # --- servers and workers ------------------------------------------------------------------------
     def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = self.logs / f"{name}.log"
-        with log.open("ab") as out:
+        with open_log(self.logs / f"{name}.log") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         self.state.setdefault("processes", {})[name] = proc.pid
@@ -210,7 +252,7 @@ class Team:
         proc = self.spawn("mlflow", [mlflow, "server", "--backend-store-uri", f"postgresql+psycopg2://mlflow@127.0.0.1:{pg}/mlflow",
                                      "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
                                      "--port", str(port), "--workers", "1"],
-                          {**os.environ, "PGPASSFILE": str(self.pgpass)})
+                          {**os.environ, "PGPASSFILE": str(self.role_pgpass("mlflow"))})
         wait_for_http(f"http://127.0.0.1:{port}/health", "the MLflow server", proc, log=self.logs / "mlflow.log")
 
     def prefect_env(self) -> dict[str, str]:
@@ -223,7 +265,7 @@ class Team:
     def start_prefect(self) -> None:
         pg, port = self.ports["pg"], self.ports["prefect"]
         prefect = str(Path(sys.executable).with_name("prefect"))
-        env = {**self.prefect_env(),
+        env = {**self.prefect_env(), "PGPASSFILE": str(self.role_pgpass("prefect")),
                "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://prefect@127.0.0.1:{pg}/prefect"}
         env.pop("PREFECT_API_URL")
         proc = self.spawn("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
@@ -267,7 +309,8 @@ class Team:
     def up(self, worker_dirs: list[Path], deploy_from: Path) -> None:
         """Start everything; one worker per entry of worker_dirs, running its flows in that checkout."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(exist_ok=True)
+        self.logs.mkdir(mode=0o755, exist_ok=True)
+        self.logs.chmod(0o755)  # written by this user only (the server user has logs/postgres/)
         if os.geteuid() == 0:
             self.root.chmod(0o711)
         self.init_postgres()

@@ -86,7 +86,8 @@ def wait_final(client, ids: list, timeout: float):
 
 
 def passwords(team) -> list[str]:
-    return [line.split(":")[4] for line in team.pgpass.read_text(encoding="utf-8").splitlines()]
+    files = [team.pgpass, *team.secrets.glob("pgpass-*")]
+    return [line.split(":")[4] for path in files for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_two_triggered_runs_train_one_at_a_time_register_and_report(team):
@@ -154,7 +155,7 @@ def test_two_triggered_runs_train_one_at_a_time_register_and_report(team):
         blob = json.dumps([run.data.tags, run.data.params])
         assert not any(s in blob for s in secrets)
     assert not any(s in json.dumps([v.tags for v in versions]) for s in secrets)
-    for log in server.logs.iterdir():
+    for log in (p for p in server.logs.rglob("*") if p.is_file()):
         assert not any(s in log.read_text(encoding="utf-8", errors="replace") for s in secrets), log
     for checkout in checkouts:
         tracked = git(checkout, "ls-files").stdout.split()

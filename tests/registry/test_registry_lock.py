@@ -7,39 +7,15 @@ holder must stop before moving any alias: `Held.check()` says so, and `decide` m
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
 from pipeline.config import load_params
+from tests.helpers.postgres import postgres  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.extended  # needs PostgreSQL and psycopg2 (`make install-team`)
 
 NAME = "lock-loss-adapter"
 METRICS = {"tuned_accuracy": 0.8, "base_accuracy": 0.2, "tuned_eos_rate": 1.0, "tuned_ppl_general": 100.0}
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    from flows.team import Team
-    from tests.integration.test_team import free_port
-
-    # PostgreSQL runs as the `postgres` user when the tests run as root: it must be able to enter the directory.
-    root = Path(tempfile.mkdtemp(prefix="lock-test-", dir="/tmp"))
-    root.chmod(0o711)
-    team = Team(root / "state", {"pg": free_port(), "mlflow": free_port(), "prefect": free_port()})
-    team.root.mkdir()
-    team.logs.mkdir()
-    try:
-        team.init_postgres()
-        team.start_postgres()
-        team.create_databases()
-        yield team
-    finally:
-        team.down()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def kill_lock_session(team) -> int:
