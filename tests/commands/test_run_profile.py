@@ -42,3 +42,19 @@ def test_a_misspelt_profile_key_stops_before_anything_runs(tmp_path):
     (tmp_path / "bad.yaml").write_text("sft:\n  max_stpes: 10\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.yaml: sft.max_stpes: Extra inputs are not permitted"):
         overrides(tmp_path / "bad.yaml", REPO / "params.yaml")
+
+
+def test_a_profiles_recipe_carries_to_another_set_by_its_data_paths_alone(tmp_path):
+    from pipeline.commands.run_profile import overrides
+    from pipeline.errors import DataError
+
+    sets = [f"data.{split}.path=data/real/openbookqa/{split}.jsonl" for split in ("train", "validation", "eval")]
+    found = overrides(REPO / "params-real-sciq.yaml", REPO / "params.yaml", sets)
+    for split in ("train", "validation", "eval"):
+        assert f"data.{split}.path='data/real/openbookqa/{split}.jsonl'" in found
+        assert f"data.{split}.path='data/real/sciq/{split}.jsonl'" not in found
+    assert "sft.learning_rate=0.0005" in found and "data.train.format='mcq'" in found  # the rest of the recipe
+    with pytest.raises(DataError, match="sft.max_stpes: Extra inputs"):
+        overrides(REPO / "params-real-sciq.yaml", REPO / "params.yaml", ["sft.max_stpes=3"])
+    with pytest.raises(DataError, match="expected key=value"):
+        overrides(REPO / "params-real-sciq.yaml", REPO / "params.yaml", ["data.train.path"])
