@@ -6,7 +6,8 @@ Prefect result caching here. PIPELINE_RUN_KEY is set to the flow run id, so all 
 run log into one MLflow parent run (see pipeline/tracking.py).
 
 For a team (prefect.yaml, `make team-up`): `overrides` are params changes in `dvc exp run -S` grammar
-(`sft.max_steps=100`), applied to the checkout's params.yaml before the stages run; `only_if_changed`
+(`sft.max_steps=100`), applied to the checkout's params.yaml for this run only (restored when it ends, however
+it ends, so the next user's run on the same checkout never inherits them); `only_if_changed`
 asks `dvc status` first and ends as "up to date" when no dep, param or data changed; and under
 PIPELINE_TRAINING_LIMIT (the workers' environment) the model stages hold one slot of that Prefect global
 concurrency limit, so one training runs at a time across all workers and machines. Every run publishes a
@@ -109,11 +110,14 @@ def _stage_task(stage: str):
 STAGE_TASKS: dict[str, Callable[..., bool]] = {stage: _stage_task(stage) for stage in STAGES}
 
 
-def dvc_status(project: str) -> dict:
-    """`dvc status --json` of the whole pipeline: {} when every stage's deps, params and outs are as dvc.lock
-    records them (nothing to train); else which stages changed and how. Hashes files; loads no model."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, env=stage_env(None),
-                          capture_output=True, text=True)
+def dvc_status(project: str, stages: list[str]) -> dict:
+    """`dvc status --json` of the stages this run would execute (dvc.yaml's, by name): {} when each one's deps,
+    params and outs are as dvc.lock records them (nothing to train); else which changed and how. Other
+    pipelines of the repository (data/real/dvc.yaml's imports, absent from a fresh clone) are not this run's
+    business. Hashes files; loads no model."""
+    targets = [f"dvc.yaml:{stage}" for stage in stages]
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *targets], cwd=project,
+                          env=stage_env(None), capture_output=True, text=True)
     if proc.returncode != 0:
         raise StageFailed(f"dvc status failed with exit code {proc.returncode}:\n{_tail(proc.stderr)}")
     return json.loads(proc.stdout or "{}")
@@ -203,35 +207,48 @@ def finetune_pipeline(project_dir: str = ".", stages: list[str] | None = None,
     logger.info("Stages %s in %s, PIPELINE_RUN_KEY=%s", ordered, project, run_key)
     with pipeline_lock(project, f"Prefect flow run {run_key}", lock_timeout_s, log=logger.warning):
         logger.info("Holding the pipeline lock of %s", project)
+        params_file = Path(project) / "params.yaml"
+        committed = params_file.read_text(encoding="utf-8")
         if overrides:
             apply_overrides(project, overrides)
-            logger.info("params.yaml changed by %s", list(overrides))
-        if only_if_changed:
-            changed = dvc_status(project)
-            if not changed:
-                logger.info("Up to date, nothing to train: no data, param or code dep changed since dvc.lock")
-                publish_report(project, [], "Up to date, nothing to train (`dvc status`: no change).")
-                return []
-            logger.info("Changed since dvc.lock: %s", sorted(changed))
-        ran: list[str] = []
-        with ExitStack() as slot:
-            held = False
-            for stage in ordered:
-                if limit and stage in TRAINING_STAGES and not held:
-                    from prefect.concurrency.sync import concurrency
+            logger.info("params.yaml changed by %s for this run", list(overrides))
+        try:
+            return run_stages(project, ordered, run_key, limit, only_if_changed, logger)
+        finally:
+            if params_file.read_text(encoding="utf-8") != committed:
+                params_file.write_text(committed, encoding="utf-8")
+                logger.info("params.yaml restored: the overrides applied to this run only")
 
-                    logger.info("Waiting for a slot of the global concurrency limit %r", limit)
-                    slot.enter_context(concurrency(limit, occupy=1, strict=True))
-                    held = True
-                    logger.info("Holding a %r slot", limit)
-                elif held and stage not in TRAINING_STAGES:
-                    slot.close()  # the model stages are over: another run may train now
-                    held = False
-                    logger.info("Released the %r slot", limit)
-                # Called directly: a failed stage raises here, so the flow fails and later stages never start.
-                if STAGE_TASKS[stage](project, run_key):
-                    ran.append(stage)
-        skipped = [s for s in ordered if s not in ran]
-        publish_report(project, ran, f"Flow run `{run_key}` in `{project}`; unchanged, so skipped by DVC: "
-                                     f"{', '.join(skipped) or 'none'}.")
+
+def run_stages(project: str, ordered: list[str], run_key: str, limit: str | None, only_if_changed: bool,
+               logger) -> list[str]:
+    """The stages in order under the held pipeline lock (see finetune_pipeline)."""
+    if only_if_changed:
+        changed = dvc_status(project, ordered)
+        if not changed:
+            logger.info("Up to date, nothing to train: no data, param or code dep changed since dvc.lock")
+            publish_report(project, [], "Up to date, nothing to train (`dvc status`: no change).")
+            return []
+        logger.info("Changed since dvc.lock: %s", sorted(changed))
+    ran: list[str] = []
+    with ExitStack() as slot:
+        held = False
+        for stage in ordered:
+            if limit and stage in TRAINING_STAGES and not held:
+                from prefect.concurrency.sync import concurrency
+
+                logger.info("Waiting for a slot of the global concurrency limit %r", limit)
+                slot.enter_context(concurrency(limit, occupy=1, strict=True))
+                held = True
+                logger.info("Holding a %r slot", limit)
+            elif held and stage not in TRAINING_STAGES:
+                slot.close()  # the model stages are over: another run may train now
+                held = False
+                logger.info("Released the %r slot", limit)
+            # Called directly: a failed stage raises here, so the flow fails and later stages never start.
+            if STAGE_TASKS[stage](project, run_key):
+                ran.append(stage)
+    skipped = [s for s in ordered if s not in ran]
+    publish_report(project, ran, f"Flow run `{run_key}` in `{project}`; unchanged, so skipped by DVC: "
+                                 f"{', '.join(skipped) or 'none'}.")
     return ran

@@ -196,7 +196,12 @@ def test_a_scheduled_run_trains_only_when_the_data_changed(prefect_server, proje
 
     own = project_copy / "data/own"
     shutil.copytree(tiny_world.data, own)
-    git(project_copy, "add", "data/own")
+    # The repository as shipped: data/real/dvc.yaml's import stages sit beside dvc.yaml, their outputs absent.
+    (project_copy / "data/real").mkdir(parents=True)
+    for name in ("dvc.yaml", "dvc.lock", ".gitignore"):
+        if (REPO_ROOT / "data/real" / name).is_file():
+            shutil.copy2(REPO_ROOT / "data/real" / name, project_copy / "data/real" / name)
+    git(project_copy, "add", "data/own", "data/real")
     git(project_copy, "commit", "-q", "-m", "our own data")
     data = {"train": "train.jsonl", "validation": "validation.jsonl", "eval": "eval.jsonl",
             "domain_corpus": "domain_train.txt", "domain_eval": "domain_eval.txt", "general_eval": "general_eval.txt"}
@@ -204,13 +209,17 @@ def test_a_scheduled_run_trains_only_when_the_data_changed(prefect_server, proje
                  + [f"base.tiny.{k}={v}" for k, v in TINY_BASE.items()]
                  + ["dapt.max_steps=10", "sft.max_steps=10", "sft.eval_steps=5", "sft.save_steps=5"])
 
+    committed = (project_copy / "params.yaml").read_text(encoding="utf-8")
     first = finetune_pipeline(project_dir=str(project_copy), overrides=overrides, only_if_changed=True,
                               return_state=True)
     assert first.is_completed(), first
     assert first.result() == list(STAGES)
+    # The overrides were this run's only: the checkout's params.yaml is as committed for the next user's run.
+    assert (project_copy / "params.yaml").read_text(encoding="utf-8") == committed
 
     start = time.monotonic()
-    again = finetune_pipeline(project_dir=str(project_copy), only_if_changed=True, return_state=True)
+    again = finetune_pipeline(project_dir=str(project_copy), overrides=overrides, only_if_changed=True,
+                              return_state=True)
     quiet_seconds = time.monotonic() - start
     assert again.is_completed() and again.result() == []
     run_id = again.state_details.flow_run_id
@@ -226,7 +235,8 @@ def test_a_scheduled_run_trains_only_when_the_data_changed(prefect_server, proje
     item["id"] = "added-after-the-first-run"
     item["question"] = item["question"] + " (새 문항)"
     (own / "train.jsonl").write_text("\n".join([*lines, json.dumps(item, ensure_ascii=False)]) + "\n", encoding="utf-8")
-    changed = finetune_pipeline(project_dir=str(project_copy), only_if_changed=True, return_state=True)
+    changed = finetune_pipeline(project_dir=str(project_copy), overrides=overrides, only_if_changed=True,
+                                return_state=True)
     assert changed.is_completed(), changed
     # sample_data and base do not read data/own/train.jsonl (the tiny base's tokenizer is built from the sample
     # data); dapt reads the validated directory (TAPT may use the train split), so it reruns too.
