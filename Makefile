@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-real install-team run real real-sciq real-gemma-ko sweep test test-extended ui serve prefect-server team-up team-down team-status clean
+.PHONY: install install-real install-team run real real-sciq real-arc real-gemma-ko sweep test test-extended ui serve prefect-server team-up team-down team-status clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ real: install-real
 # support passages, paired-evidence gate); measured end to end in docs/real-models.md.
 real-sciq: install-real
 	PIPELINE_RUN_KEY=real-sciq-$$(date +%Y%m%d-%H%M%S) $(BIN)/python -m flows.lock $(BIN)/python -m pipeline.commands.run_profile params-real-sciq.yaml
+
+# The closed-book profile that wins (params-real-arc.yaml: SmolLM2-135M-Instruct LoRA on ARC-Easy, cloze prompt,
+# paired-evidence gate); measured end to end in docs/real-models.md.
+real-arc: install-real
+	PIPELINE_RUN_KEY=real-arc-$$(date +%Y%m%d-%H%M%S) $(BIN)/python -m flows.lock $(BIN)/python -m pipeline.commands.run_profile params-real-arc.yaml
 
 # The seed task (Korean MCQ) on Gemma 3 270M with DAPT on Korean law text (params-real-gemma-ko.yaml): base vs DAPT
 # vs tuned per item type, and per-document perplexity; measured in docs/real-models.md.

@@ -56,10 +56,18 @@ def registry_call(fn, *args, **kwargs):
               f"retry {state.attempt_number} in {state.next_action.sleep:.1f} s", file=sys.stderr)
 
     first = float(os.environ.get(RETRY_WAIT_ENV, "1"))
+    attempts = int(os.environ.get(RETRY_ATTEMPTS_ENV, "6"))
     retrying = Retrying(retry=retry_if_exception(transient), reraise=True, before_sleep=say,
-                        stop=stop_after_attempt(int(os.environ.get(RETRY_ATTEMPTS_ENV, "6"))),
-                        wait=wait_exponential_jitter(initial=first, max=30, jitter=first))
-    return retrying(fn, *args, **kwargs)
+                        stop=stop_after_attempt(attempts), wait=wait_exponential_jitter(initial=first, max=30,
+                                                                                       jitter=first))
+    try:
+        return retrying(fn, *args, **kwargs)
+    except Exception as exc:
+        if not transient(exc):
+            raise
+        raise DataError(f"registry: {getattr(fn, '__name__', 'a call')} still failing after {attempts} attempts "
+                        f"({str(exc).splitlines()[0][:300]}); stopping before any further registry change. Run the "
+                        "stage again when the tracking server answers: a version already made is adopted") from exc
 
 
 def champion_version(client, name: str):

@@ -11,8 +11,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 
-def test_the_real_profile_reaches_params_exactly_through_dvcs_override_parser(tmp_path):
-    """`pipeline.commands.run_profile` turns params-real.yaml into `-S` overrides; DVC's own parser (what `dvc exp run -S`
+PROFILES = sorted(p.name for p in REPO.glob("params-*.yaml"))
+
+
+def test_every_shipped_profile_is_tested():
+    assert PROFILES == ["params-real-arc.yaml", "params-real-gemma-ko.yaml", "params-real-sciq.yaml",
+                        "params-real.yaml"]
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_the_real_profile_reaches_params_exactly_through_dvcs_override_parser(tmp_path, name):
+    """`pipeline.commands.run_profile` turns a profile into `-S` overrides; DVC's own parser (what `dvc exp run -S`
     calls) applied to a copy of params.yaml gives exactly params.yaml merged with the profile, multi-line
     prompts included, and the result is valid params."""
     import shutil
@@ -24,13 +33,13 @@ def test_the_real_profile_reaches_params_exactly_through_dvcs_override_parser(tm
     from pipeline.config import Params
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    sets = overrides(REPO / "params-real.yaml", tmp_path / "params.yaml")
+    sets = overrides(REPO / name, tmp_path / "params.yaml")
     apply_overrides(tmp_path / "params.yaml", sets)
     applied = yaml.safe_load((tmp_path / "params.yaml").read_text(encoding="utf-8"))
-    profile = yaml.safe_load((REPO / "params-real.yaml").read_text(encoding="utf-8"))
+    profile = yaml.safe_load((REPO / name).read_text(encoding="utf-8"))
     assert applied == merged(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), profile)
     params = Params.model_validate(applied)
-    assert params.base.model == "smollm2-135m-instruct" and "\n\nQuestion:\n" in params.task.user_template
+    assert params.base.model in ("smollm2-135m-instruct", "gemma3-270m")
     assert params.registry.model_name != Params.model_validate(
         yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))).registry.model_name
 
