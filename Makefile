@@ -64,7 +64,7 @@ real: install-real
 real-sciq: install-real
 	PIPELINE_RUN_KEY=real-sciq-$$(date +%Y%m%d-%H%M%S) $(BIN)/python -m flows.lock $(BIN)/python -m pipeline.commands.run_profile params-real-sciq.yaml
 
-# The closed-book profile that wins (params-real-arc.yaml: SmolLM2-135M-Instruct LoRA on ARC-Easy, cloze prompt,
+# The closed-book profile (params-real-arc.yaml: Gemma 3 270M LoRA on ARC-Easy, cloze prompt,
 # paired-evidence gate); measured end to end in docs/real-models.md.
 real-arc: install-real
 	PIPELINE_RUN_KEY=real-arc-$$(date +%Y%m%d-%H%M%S) $(BIN)/python -m flows.lock $(BIN)/python -m pipeline.commands.run_profile params-real-arc.yaml
