@@ -14,10 +14,9 @@
 5. The best experiment is chosen on the validation split, never on eval (the gate then judges it on eval:
    selecting on the same items would bias that judgement): the highest held-out answer-token accuracy of the
    adapter the sft stage wrote (metrics/sft.json), ties to the lower held-out loss, then to the first queued.
-   It is applied to the workspace with `dvc exp apply` and registered with `dvc repro register`: the normal
-   gate decides whether it becomes champion. `--no-promote` stops after the comparison.
-
-The workspace's params.yaml then holds the best experiment's params (commit it to keep them).
+   It is applied with `dvc exp apply` and registered with `dvc repro register` under the checkout's pipeline
+   lock: the gate decides whether it becomes champion; params.yaml then holds its params (commit them to keep
+   them). `--no-promote` stops after the comparison.
 """
 
 from __future__ import annotations
@@ -194,17 +193,14 @@ def sweep_figure(results: dict[str, dict], metric: str):
 
 
 def promote_best(best: str, rev: str, env: dict, run_key: str) -> dict:
-    """Apply the best experiment to the workspace and register it (`dvc repro register`), under the checkout's
-    pipeline lock (flows/lock.py): a scheduled or manual run of the same checkout never interleaves with it.
-    Returns reports/registry.json."""
+    """Apply the best experiment and `dvc repro register` it under the checkout's pipeline lock (flows/lock.py), so a
+    scheduled or manual run of the checkout never interleaves with it; returns reports/registry.json."""
     from flows.lock import pipeline_lock
 
     with pipeline_lock(Path.cwd(), f"sweep: apply and register {best}"):
         apply_experiment(best, rev, env)
-        register_env = {**env, "PIPELINE_RUN_KEY": run_key}
-        register_env.pop(SWEEP_RUN_ENV, None)
-        proc = dvc("repro", "register", env=register_env)
-        print(proc.stdout[-1500:])
+        register_env = {k: v for k, v in env.items() if k != SWEEP_RUN_ENV} | {"PIPELINE_RUN_KEY": run_key}
+        print(dvc("repro", "register", env=register_env).stdout[-1500:])
         return json.loads(Path("reports/registry.json").read_text(encoding="utf-8"))
 
 

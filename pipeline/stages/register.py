@@ -38,7 +38,7 @@ from pipeline.registry.lineage import LIBRARIES, lineage_tags
 from pipeline.registry.lock import registry_lock
 from pipeline.registry.model_card import attach_model_card, model_card
 from pipeline.registry.read import existing_version
-from pipeline.tracking import RUN_KEY_TAG, public_params, stage_run, tracking_uri
+from pipeline.tracking import RUN_KEY_TAG, configure, public_params, stage_run, tracking_uri
 
 
 def base_artifact(client, experiment_id: str, base_dir: str, revision: str | None) -> dict:
@@ -82,6 +82,8 @@ def register_adapter(params: Params, metrics: dict, scored: dict) -> tuple[dict,
     name = params.registry.model_name
     adapter_dir = Path(params.sft.out_dir)
     adapter_sha256 = file_sha256(adapter_dir / "adapter_model.safetensors")
+    with registry_lock(tracking_uri(params), name):
+        configure(params)  # a fresh sqlite store gets its schema from one process at a time, not two at once
     with stage_run(params, "register") as run:
         client = MlflowClient()
         version = existing_version(client, name, adapter_sha256)
