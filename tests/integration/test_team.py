@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.postgres import free_port
 from tests.helpers.project import MODEL_NAME, TINY_BASE, TINY_SAMPLE, git, make_project_copy, venv_env
 
 pytestmark = pytest.mark.extended
@@ -32,12 +32,6 @@ FAST = ([f"base.tiny.{k}={v}" for k, v in TINY_BASE.items()] + [f"sample_data.{k
         + ["dapt.max_steps=30", "sft.eval_steps=20", "sft.save_steps=20"])
 RACE_ROUNDS = 12
 RUN_TIMEOUT_S = 1500
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
