@@ -29,6 +29,7 @@ import json
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from flows.processes import (
     wait_for_http,
     wait_for_port,
 )
+from flows.team_auth import Credentials, write_secret
 from pipeline.artifacts import write_text_atomically
 from pipeline.errors import DataError
 
@@ -82,15 +84,6 @@ def pg_tool(name: str) -> str:
     return found
 
 
-def write_secret(path: Path, text: str) -> None:
-    """Create `path` readable by its owner only, with mode 0600 from its first byte (not created under the umask
-    and chmod'ed after), never through a symlink planted where it goes."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def open_log(path: Path):
     """A server's log, opened for appending without following a symlink: a log name planted as a link to another
     file cannot make this (root) process append to that file."""
@@ -116,6 +109,7 @@ class Team:
         self.secrets = self.root / "secrets"  # mode 0700: one pgpass per server role, superuser included
         self.logs = self.root / "logs"
         self.pg_logs = self.logs / "postgres"  # the server user's own log directory (it writes nowhere else)
+        self.credentials = Credentials(self.root, self.secrets)  # MLflow's and Prefect's (flows/team_auth.py)
         self.state = json.loads(self.state_file.read_text(encoding="utf-8")) if self.state_file.is_file() else {}
         self.ports = self.state.get("ports") or port_numbers or ports()
 
@@ -128,7 +122,7 @@ class Team:
                 "PGPASSFILE": str(self.pgpass)}
 
     def client_env(self) -> dict[str, str]:
-        """This environment pointed at the team: its URLs win over whatever the caller's environment holds."""
+        """This environment pointed at the team: its URLs and credentials win over what the caller's holds."""
         return {**self.prefect_env(), **self.urls()}
 
     def save(self) -> None:
@@ -251,22 +245,24 @@ class Team:
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         proc = self.spawn("mlflow", [mlflow, "server", "--backend-store-uri", f"postgresql+psycopg2://mlflow@127.0.0.1:{pg}/mlflow",
                                      "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-                                     "--port", str(port), "--workers", "1"],
-                          {**os.environ, "PGPASSFILE": str(self.role_pgpass("mlflow"))})
+                                     "--port", str(port), "--workers", "1", "--app-name", "basic-auth"],
+                          {**os.environ, "PGPASSFILE": str(self.role_pgpass("mlflow")),
+                           **self.credentials.mlflow_server_env()})
         wait_for_http(f"http://127.0.0.1:{port}/health", "the MLflow server", proc, log=self.logs / "mlflow.log")
 
     def prefect_env(self) -> dict[str, str]:
         home = self.root / "prefect-home"
         home.mkdir(exist_ok=True)
         return {**os.environ, "PREFECT_HOME": str(home), "PGPASSFILE": str(self.pgpass),
-                "PREFECT_API_URL": self.urls()["PREFECT_API_URL"],
+                "PREFECT_API_URL": self.urls()["PREFECT_API_URL"], **self.credentials.client_env(),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}
 
     def start_prefect(self) -> None:
         pg, port = self.ports["pg"], self.ports["prefect"]
         prefect = str(Path(sys.executable).with_name("prefect"))
         env = {**self.prefect_env(), "PGPASSFILE": str(self.role_pgpass("prefect")),
-               "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://prefect@127.0.0.1:{pg}/prefect"}
+               "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://prefect@127.0.0.1:{pg}/prefect",
+               **self.credentials.prefect_server_env()}
         env.pop("PREFECT_API_URL")
         proc = self.spawn("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
         wait_for_http(f"http://127.0.0.1:{port}/api/health", "the Prefect server", proc, log=self.logs / "prefect-server.log")
@@ -316,6 +312,7 @@ class Team:
         self.init_postgres()
         self.start_postgres()
         self.create_databases()
+        self.credentials.ensure()
         self.start_mlflow()
         self.start_prefect()
         self.deploy(deploy_from)
@@ -356,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--project-dir", type=Path, default=Path("."), help="the checkout the workers run flows in")
     sub.add_parser("down", help="stop everything")
     sub.add_parser("status", help="which processes run")
-    sub.add_parser("env", help="print the exports a client needs")
+    sub.add_parser("env", help="print the exports a client needs (the servers' credentials included)")
     args = parser.parse_args(argv)
     team = Team()
     if args.command == "up":
@@ -376,8 +373,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, running in team.status().items():
             print(f"{name}: {'running' if running else 'stopped'}")
     else:
-        for key, value in team.urls().items():
-            print(f"export {key}={value}")
+        for key, value in {**team.urls(), **team.credentials.client_env()}.items():
+            print(f"export {key}={shlex.quote(value)}")
 
 
 if __name__ == "__main__":

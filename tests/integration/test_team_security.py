@@ -12,7 +12,6 @@ import stat
 
 import pytest
 
-from tests.helpers.postgres import postgres  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.extended  # needs PostgreSQL and psycopg2 (`make install-team`)
 

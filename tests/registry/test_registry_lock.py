@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import load_params
-from tests.helpers.postgres import postgres  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.extended  # needs PostgreSQL and psycopg2 (`make install-team`)
 
