@@ -13,6 +13,7 @@ from pipeline.data.benchmark_items import SOURCES
 from pipeline.data.benchmarks import import_benchmark, import_korean
 from pipeline.data.formats import normalised, structure_problems, to_example
 from pipeline.data.readers import Record
+from pipeline.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]
 CLOSED_BOOK = TaskParams(system_prompt="Answer the question.", user_template="{question}\n\n{choices}\n\nAnswer:")
@@ -58,6 +59,23 @@ def test_every_set_is_carved_with_no_passage_and_no_question_in_two_splits(datas
         assert bool(i["passage"]) != closed, i
     answers = {i["answer"] for i in items}
     assert len(answers) > 1, f"{dataset}: every answer is option {answers}: a position bias in the import"
+
+
+def test_other_sets_join_train_only_and_never_with_a_held_out_question(tmp_path):
+    alone = import_benchmark("arc-easy", tmp_path / "alone", 300, 100)
+    counts = import_benchmark("arc-easy", tmp_path / "plus", 300, 100, ["arc-challenge", "openbookqa"])
+    assert counts["eval"] == alone["eval"] and counts["validation"] == alone["validation"]
+    assert counts["train"] > alone["train"] + 700  # ARC-Challenge (299) and OpenBookQA (500) went to train
+    for name in ("eval", "validation"):  # the held-out splits are the same items as without the extra sets
+        assert rows(tmp_path / f"plus/{name}.jsonl") == rows(tmp_path / f"alone/{name}.jsonl")
+    held = {normalised(i["question"]) for name in ("eval", "validation") for i in rows(tmp_path / f"plus/{name}.jsonl")}
+    train = rows(tmp_path / "plus/train.jsonl")
+    assert not held & {normalised(i["question"]) for i in train}
+    assert rows(tmp_path / "alone/train.jsonl") == train[:alone["train"]]  # the set's own train items first, unchanged
+    source = json.loads((tmp_path / "plus/SOURCE.json").read_text(encoding="utf-8"))
+    assert set(source["train_also"]) == {"arc-challenge", "openbookqa"}
+    with pytest.raises(DataError, match="cannot also be added to train"):
+        import_benchmark("arc-easy", tmp_path / "self", 300, 100, ["arc-easy"])
 
 
 def test_arc_and_mmlu_become_closed_book_mcq_with_the_right_answer(tmp_path):
@@ -106,7 +124,6 @@ def test_an_output_directory_the_importer_did_not_write_is_refused_untouched(tmp
 
 
 def test_a_missing_package_is_a_clear_error(monkeypatch):
-    from pipeline.errors import DataError
     from pipeline.modeling.packaged import installed_file
 
     with pytest.raises(DataError, match=r"package no-such-model-wheel is not installed: run `make install-real`"):
