@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-real install-team run real real-sciq real-arc real-gemma-ko sweep test test-extended ui serve prefect-server team-up team-down team-status clean
+.PHONY: install install-real install-team run real real-sciq real-arc real-gemma-ko sweep test test-extended ui serve serve-model prefect-server team-up team-down team-status clean
 
 install: $(STAMP)
 
@@ -103,6 +103,13 @@ MLFLOW_PORT ?= 5000
 ui: install
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
 		--artifacts-destination $(MLFLOW_STORE)/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+# The registry's champion as a REST endpoint (pipeline/serving.py): POST http://127.0.0.1:$(SERVE_PORT)/invocations
+MODEL_NAME ?= mcq-reading-adapter
+SERVE_PORT ?= 5002
+serve-model: install
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_STORE)/mlflow.db} $(BIN)/mlflow models serve \
+		-m "models:/$(MODEL_NAME)@champion" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) -w 1
 
 # Local Prefect server (UI on http://127.0.0.1:4200) plus the scheduled deployment (PIPELINE_CRON).
 serve: install

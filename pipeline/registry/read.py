@@ -109,20 +109,27 @@ def model_version(client, model_uri: str):
 
 def version_task(version) -> TaskParams | None:
     """The `task` params the version was trained with (how an MCQ item becomes a prompt), from its params_json."""
-    raw = version.tags.get("params_json")
+    return tags_task(version.tags)
+
+
+def tags_task(tags: dict) -> TaskParams | None:
+    raw = tags.get("params_json")
     return TaskParams.model_validate(json.loads(raw)["task"]) if raw else None
 
 
 def registered_base(version, local: Path) -> tuple[str, str | None]:
+    return tagged_base(version.tags, local, f"models:/{version.name}/{version.version}")
+
+
+def tagged_base(tags: dict, local: Path, where: str) -> tuple[str, str | None]:
     """(local directory or hub id, revision) of the base the version's adapter sits on, checked by sha256.
 
     A logged base artifact (`runs:/...`) is the version's own copy; a hub base comes with the revision it
     was trained on (never the hub's latest). Versions registered before bases were logged point at the
     path MLflow recorded, which must still hash to the registered sha256."""
-    uri, expected = version.tags.get("adapter_base_uri"), version.tags.get("adapter_base_sha256")
-    revision = version.tags.get("adapter_base_revision")
+    uri, expected = tags.get("adapter_base_uri"), tags.get("adapter_base_sha256")
+    revision = tags.get("adapter_base_revision")
     revision = None if revision in (None, "None") else revision
-    where = f"models:/{version.name}/{version.version}"
     if uri and uri.startswith("runs:/"):
         try:
             return str(local_base(uri, expected)), None
@@ -135,7 +142,7 @@ def registered_base(version, local: Path) -> tuple[str, str | None]:
     if expected and Path(base).is_dir() and model_fingerprint(base) != expected:
         raise DataError(f"{where}: the base model at {base} changed since the version was registered (sha256 "
                         f"{expected[:12]}...); restore it (git checkout + dvc checkout of the version's commit "
-                        f"{version.tags.get('git_commit', '?')[:12]}) or reproduce the version")
+                        f"{tags.get('git_commit', '?')[:12]}) or reproduce the version")
     return base, revision
 
 
@@ -149,9 +156,6 @@ class Loaded(NamedTuple):
 
 def load_registered(model_uri: str) -> Loaded:
     """A registered adapter on its own base, quantized as it was trained."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     import mlflow
     from mlflow import MlflowClient
 
@@ -160,14 +164,23 @@ def load_registered(model_uri: str) -> Loaded:
     except mlflow.exceptions.MlflowException as exc:
         raise DataError(f"{model_uri}: not in the registry ({exc.message})") from None
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}"))
-    base, revision = registered_base(version, local)
-    tokenizer = AutoTokenizer.from_pretrained(local / "components" / "tokenizer")
-    expected = version.tags.get("chat_template_sha256")
-    if expected and template_fingerprint(tokenizer) != expected:
-        raise DataError(f"{model_uri}: the tokenizer's chat template or special tokens differ from the ones the "
-                        f"adapter was trained with (fingerprint {expected[:12]}...); prompts would not match training")
-    model = load_causal_lm(base, version.tags.get("sft.quantization", "none"),
-                           version.tags.get("sft.double_quant", "True") == "True",
-                           version.tags.get("sft.compute_dtype", "float32"), revision=revision)
-    model = PeftModel.from_pretrained(model, str(local / "peft")).eval()
+    model, tokenizer, base, revision = load_adapter(local, version.tags, model_uri)
     return Loaded(model, tokenizer, version, base, revision)
+
+
+def load_adapter(local: Path, tags: dict, where: str) -> tuple[object, object, str, str | None]:
+    """(model, tokenizer, base, revision) of a downloaded version's model directory `local` (the transformers
+    flavor's layout: components/tokenizer, peft/) described by the version's tags; `where` names it in errors."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base, revision = tagged_base(tags, local, where)
+    tokenizer = AutoTokenizer.from_pretrained(local / "components" / "tokenizer")
+    expected = tags.get("chat_template_sha256")
+    if expected and template_fingerprint(tokenizer) != expected:
+        raise DataError(f"{where}: the tokenizer's chat template or special tokens differ from the ones the "
+                        f"adapter was trained with (fingerprint {expected[:12]}...); prompts would not match training")
+    model = load_causal_lm(base, tags.get("sft.quantization", "none"), tags.get("sft.double_quant", "True") == "True",
+                           tags.get("sft.compute_dtype", "float32"), revision=revision)
+    model = PeftModel.from_pretrained(model, str(local / "peft")).eval()
+    return model, tokenizer, base, revision

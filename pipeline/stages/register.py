@@ -38,6 +38,7 @@ from pipeline.registry.lineage import LIBRARIES, lineage_tags
 from pipeline.registry.lock import registry_lock
 from pipeline.registry.model_card import attach_model_card, model_card
 from pipeline.registry.read import existing_version
+from pipeline.serving import make_servable
 from pipeline.tracking import RUN_KEY_TAG, configure, public_params, stage_run, tracking_uri
 
 
@@ -138,6 +139,7 @@ def log_adapter(params: Params, client, run, metrics: dict, adapter_sha256: str)
         {"model": model, "tokenizer": tokenizer}, name="adapter", task="text-generation",
         base_model_path=base["local"], pip_requirements=[f"{lib}=={pkg_version(lib)}" for lib in LIBRARIES])
     tags = lineage_tags(params, metrics, base, tokenizer, adapter_sha256)
+    make_servable(client, info.model_id, tags)  # `mlflow models serve` answers MCQ and chat (pipeline/serving.py)
     # The run key stays on the version only: on the run it would make stage_run's parent search find
     # this stage run instead of the pipeline's run, and a later stage of the same key nest under it.
     mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.") and k != RUN_KEY_TAG})

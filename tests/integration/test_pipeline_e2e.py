@@ -24,6 +24,14 @@ from tests.helpers.readme import bare_env, readme_commands
 # The MLflow UI in headless Chromium, on this module's pipeline run (tests/integration/ui_browser.py). Imported here so
 # that `pytest -n 2 --dist loadfile` runs it in the same worker: the default pipeline runs once.
 from tests.integration.ui_browser import test_ui_in_chromium_shows_the_pipeline_run_and_the_champion  # noqa: E402,F401
+# The version as a REST endpoint (tests/integration/serving_endpoint.py), likewise on this module's pipeline run.
+from tests.integration.serving_endpoint import (  # noqa: E402,F401
+    endpoint,
+    test_a_chat_request_gets_a_generation,
+    test_a_malformed_request_gets_a_clear_400_without_a_traceback,
+    test_mcq_requests_answer_as_predict_does_one_and_a_batch,
+    test_the_version_carries_its_signature_and_input_example,
+)
 
 pytestmark = pytest.mark.slow  # the whole default pipeline
 
