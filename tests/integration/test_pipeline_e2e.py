@@ -229,19 +229,16 @@ def test_predict_from_champion_reproduces_the_evaluated_accuracy(pipeline_run, t
 
 
 def test_pyfunc_loads_the_champion_and_generates(pipeline_run, client):
-    from transformers import AutoTokenizer
-
+    """MLflow's own loader (what `mlflow models serve` calls) on the champion: the item's chat gets the answer."""
     import mlflow
     from pipeline.data.formats import prompt_of, read_examples
 
     project = pipeline_run["project"]
     example = read_examples(project / "data/processed", "eval")[0]
-    tokenizer = AutoTokenizer.from_pretrained(project / "models/adapter")
-    prompt = tokenizer.apply_chat_template(prompt_of(example), tokenize=False, add_generation_prompt=True)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
-    out = model.predict([prompt], params={"max_new_tokens": 4, "do_sample": False})
-    assert len(out) == 1 and isinstance(out[0], str)
-    answer = out[0].removeprefix(prompt).strip()
+    out = model.predict([{"messages": prompt_of(example)}], params={"max_new_tokens": 4})
+    assert len(out) == 1 and isinstance(out[0]["generation"], str)
+    answer = out[0]["generation"]
     assert answer[:1].isdigit() and 1 <= int(answer[:1]) <= len(example.choices), out
 
 
