@@ -107,8 +107,9 @@ ui: install
 # The registry's champion as a REST endpoint (pipeline/serving.py): POST http://127.0.0.1:$(SERVE_PORT)/invocations
 MODEL_NAME ?= mcq-reading-adapter
 SERVE_PORT ?= 5002
-serve-model: install
-	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_STORE)/mlflow.db} $(BIN)/mlflow models serve \
+serve-model: install  # PATH: the scoring server execs `uvicorn` from the venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_STORE)/mlflow.db} \
+		$(BIN)/mlflow models serve \
 		-m "models:/$(MODEL_NAME)@champion" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) -w 1
 
 # Local Prefect server (UI on http://127.0.0.1:4200) plus the scheduled deployment (PIPELINE_CRON).
