@@ -108,7 +108,7 @@ ui: install
 MODEL_NAME ?= mcq-reading-adapter
 SERVE_PORT ?= 5002
 serve-model: install  # PATH: the scoring server execs `uvicorn` from the venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_STORE)/mlflow.db} \
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_STORE)/mlflow.db} \
 		$(BIN)/mlflow models serve \
 		-m "models:/$(MODEL_NAME)@champion" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) -w 1
 
