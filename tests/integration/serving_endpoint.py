@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.postgres import free_port
-from tests.helpers.project import MODEL_NAME, venv_env
+from tests.helpers.project import MODEL_NAME, REPO_ROOT, venv_env
 from tests.helpers.readme import bare_env
 
 URI = f"models:/{MODEL_NAME}@champion"
@@ -30,12 +30,13 @@ def endpoint(pipeline_run, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     # The README's `make serve-model`, typed in a shell with no venv on PATH (the scoring server execs `uvicorn`
     # from the venv: the target must put it there). VENV names this test's venv; `-o install` keeps make from
-    # reinstalling into it because the copy's pyproject.toml is newer than its stamp.
+    # reinstalling into it; the project copy holds no Makefile, so it is the repository's.
     env = bare_env(pipeline_run["uri"])
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["make", "-o", "install", "serve-model", f"VENV={sys.prefix}", f"MODEL_NAME={MODEL_NAME}",
-                                 f"SERVE_PORT={port}"], cwd=pipeline_run["project"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(["make", "-f", str(REPO_ROOT / "Makefile"), "-o", "install", "serve-model",
+                                 f"VENV={sys.prefix}", f"MODEL_NAME={MODEL_NAME}", f"SERVE_PORT={port}"],
+                                cwd=pipeline_run["project"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
