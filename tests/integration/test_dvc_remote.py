@@ -166,6 +166,20 @@ def files_under(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def nothing_to_rerun(clone: Path, env: dict[str, str]) -> None:
+    """After a pull: the pulled output matches dvc.lock, so the stage is skipped, not rerun, and the clone is
+    clean and in sync with the remote `team`."""
+    status = run_dvc(clone, "status", "sample_data", "data/team/glossary.tsv.dvc", env=env)
+    assert "Data and pipelines are up to date." in status, status
+    before = {p: p.stat().st_mtime_ns for p in (clone / "data/sample").iterdir()}
+    repro = run_dvc(clone, "repro", "sample_data", env=env)
+    assert "Running stage" not in repro and "didn't change, skipping" in repro, repro
+    assert {p: p.stat().st_mtime_ns for p in (clone / "data/sample").iterdir()} == before
+    assert git(clone, "status", "--porcelain").stdout == ""
+    cloud = run_dvc(clone, "status", "--cloud", env=env)
+    assert "Cache and remote 'team' are in sync." in cloud, cloud
+
+
 def connect_as_member(clone: Path, server: SshServer, env: dict[str, str]) -> None:
     """What each person runs once in their clone: their login and key, kept out of git."""
     run_dvc(clone, "remote", "modify", "--local", "team", "user", server.user, env=env)
@@ -217,16 +231,7 @@ def test_a_push_from_one_clone_over_ssh_is_pulled_by_another_with_nothing_to_rer
         assert files_under(b / "data/sample") == files_under(a / "data/sample")
         assert (b / "data/team/glossary.tsv").read_bytes() == own_data
 
-        # Nothing to reproduce: the pulled output matches dvc.lock, so the stage is skipped, not rerun.
-        status = run_dvc(b, "status", "sample_data", "data/team/glossary.tsv.dvc", env=env)
-        assert "Data and pipelines are up to date." in status, status
-        before = {p: p.stat().st_mtime_ns for p in (b / "data/sample").iterdir()}
-        repro = run_dvc(b, "repro", "sample_data", env=env)
-        assert "Running stage" not in repro and "didn't change, skipping" in repro, repro
-        assert {p: p.stat().st_mtime_ns for p in (b / "data/sample").iterdir()} == before
-        assert git(b, "status", "--porcelain").stdout == ""
-        cloud = run_dvc(b, "status", "--cloud", env=env)
-        assert "Cache and remote 'team' are in sync." in cloud, cloud
+        nothing_to_rerun(b, env)
 
     log = server.log_text()
     assert log.count(f"Accepted publickey for {server.user} from 127.0.0.1") >= 2, log  # A's push, B's pull
