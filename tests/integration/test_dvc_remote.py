@@ -166,6 +166,16 @@ def files_under(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def clone_with_team_data(dest: Path, own_data: bytes, env: dict[str, str]) -> Path:
+    """Clone A: the project, its sample_data stage built, and a file of the team's own data `dvc add`ed."""
+    clone = make_project_copy(dest)
+    (clone / "data/team").mkdir(parents=True)
+    (clone / "data/team/glossary.tsv").write_bytes(own_data)
+    run_dvc(clone, "add", "data/team/glossary.tsv", env=env)
+    run_dvc(clone, "repro", "sample_data", env=env)
+    return clone
+
+
 def nothing_to_rerun(clone: Path, env: dict[str, str]) -> None:
     """After a pull: the pulled output matches dvc.lock, so the stage is skipped, not rerun, and the clone is
     clean and in sync with the remote `team`."""
@@ -196,11 +206,7 @@ def test_a_push_from_one_clone_over_ssh_is_pulled_by_another_with_nothing_to_rer
 
     with sshd(tmp_path / "sshd") as server:
         # Clone A: the project, a stage output and a file of the team's own data.
-        a = make_project_copy(tmp_path / "a")
-        (a / "data/team").mkdir(parents=True)
-        (a / "data/team/glossary.tsv").write_bytes(own_data)
-        run_dvc(a, "add", "data/team/glossary.tsv", env=env)
-        run_dvc(a, "repro", "sample_data", env=env)
+        a = clone_with_team_data(tmp_path / "a", own_data, env)
         run_dvc(a, "remote", "add", "-d", "team", f"ssh://127.0.0.1:{server.port}{store}", env=env)
         connect_as_member(a, server, env)
         git(a, "add", "-A")

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from tests.helpers.postgres import free_port
-from tests.helpers.project import git, make_project_copy, venv_env
-from tests.integration.test_dvc_remote import files_under, nothing_to_rerun, run_dvc
+from tests.helpers.project import git, venv_env
+from tests.integration.test_dvc_remote import clone_with_team_data, files_under, nothing_to_rerun, run_dvc
 
 pytestmark = [
     pytest.mark.extended,
@@ -74,11 +74,7 @@ def test_a_push_to_s3_from_one_clone_is_pulled_by_another_with_nothing_to_rerun(
                  region_name="us-east-1").create_bucket(Bucket=BUCKET)
     own_data = b"term\tmeaning\n\xec\xa7\x80\xeb\xac\xb8\tpassage\n"
 
-    a = make_project_copy(tmp_path / "a")
-    (a / "data/team").mkdir(parents=True)
-    (a / "data/team/glossary.tsv").write_bytes(own_data)
-    run_dvc(a, "add", "data/team/glossary.tsv", env=env)
-    run_dvc(a, "repro", "sample_data", env=env)
+    a = clone_with_team_data(tmp_path / "a", own_data, env)
     run_dvc(a, "remote", "add", "-d", "team", f"s3://{BUCKET}/dvc", env=env)
     run_dvc(a, "remote", "modify", "team", "endpointurl", s3_server, env=env)
     git(a, "add", "-A")
