@@ -25,13 +25,14 @@ from pipeline.tracking import stage_run
 
 
 @no_grad
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, prompts: list[list[dict]],
-                  compute_dtype: str, tolerance: float) -> float:
-    """Merge, check logits against base+adapter, save; return the max abs logit difference."""
+def merged_model(base: str | Path, adapter_dir: Path, tokenizer, prompts: list[list[dict]], compute_dtype: str,
+                 tolerance: float, revision: str | None = None, on_cpu: bool = False):
+    """(base with the adapter folded in, max abs logit difference against base+adapter on the prompts); a
+    difference above tolerance raises before anything is returned."""
     from peft import PeftModel
 
-    tokenizer = load_tokenizer(adapter_dir)
-    model = PeftModel.from_pretrained(load_causal_lm(base_dir, compute_dtype=compute_dtype), str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(load_causal_lm(base, compute_dtype=compute_dtype, revision=revision, on_cpu=on_cpu),
+                                      str(adapter_dir)).eval()
     batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, padding=True,
                                           return_dict=True, return_tensors="pt")
     reference = model(**batch).logits
@@ -39,6 +40,14 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, prompts: lis
     diff = (merged(**batch).logits - reference).abs().max().item()
     if diff > tolerance:
         raise DataError(f"merged logits differ from base+adapter by {diff:.3g} > tolerance {tolerance}; nothing written")
+    return merged, diff
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, prompts: list[list[dict]],
+                  compute_dtype: str, tolerance: float) -> float:
+    """Merge, check logits against base+adapter, save; return the max abs logit difference."""
+    tokenizer = load_tokenizer(adapter_dir)
+    merged, diff = merged_model(base_dir, adapter_dir, tokenizer, prompts, compute_dtype, tolerance)
     save_atomically(out_dir, merged, tokenizer)
     return diff
 

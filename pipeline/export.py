@@ -1,0 +1,305 @@
+"""Export a registered version: `python -m pipeline.export --model-uri models:/<name>@champion --format gguf --quant f16`.
+
+`--format gguf` (`--quant f16` or `q8_0`): the adapter is merged into the version's own base (unquantized, float32;
+the merged logits are checked against base+adapter as `merge` does), llama.cpp's converter writes one GGUF (the
+chat template and the end-of-turn tokens in its metadata) and an Ollama `Modelfile` goes beside it. Then the
+GGUF is verified in llama.cpp itself before anything is kept:
+- tokens: llama.cpp tokenizes every eval prompt (as rendered by the chat template) into the pipeline's tokens;
+- stop: every token that ends the pipeline's generations ends llama.cpp's (end of generation);
+- answers: each eval item is scored by its options' log-likelihoods, as evaluate scores it, in llama.cpp and in
+  the merged model; the share of items where both choose the same option must reach `--min-agreement`
+  (default 0.99 at f16, 0.95 at q8_0);
+- generations: greedy generations on `--greedy-items` prompts, compared token for token (reported);
+- Modelfile: its TEMPLATE, rendered by Go's text/template (Ollama's engine), gives the chat template's text for
+  every eval prompt and for chats of other shapes.
+A failed check exits non-zero with nothing written to `--out` and nothing logged. A verified export goes to
+`--out` (default exports/<name>-v<version>-gguf-<quant>) and to the version's run (artifacts
+`exports/gguf-<quant>/`) with tags `export.gguf.<quant>.*` (sha256, agreement, uri) on the model version.
+
+`--format vllm`: the directory vLLM's LoRA serving needs, from the version: `adapter/` (the PEFT adapter as
+trained), `base/` (the version's own base, when it is a logged artifact) and `serve-vllm.sh`, the exact
+`vllm serve ... --enable-lora --lora-modules <name>=adapter` command (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.cli import cli_parser, run_cli
+from pipeline.errors import DataError
+
+FORMATS = ("gguf", "vllm")
+DEFAULT_MIN_AGREEMENT = {"f16": 0.99, "q8_0": 0.95}
+REPORT = "export.json"
+
+
+def version_and_files(model_uri: str):
+    """(version, its downloaded model directory, base, revision, tokenizer) checked as load_adapter checks them."""
+    import mlflow
+    from mlflow import MlflowClient
+    from transformers import AutoTokenizer
+
+    from pipeline.modeling.loading import template_fingerprint
+    from pipeline.registry.read import model_version, registry_call, tagged_base
+
+    try:
+        version = registry_call(model_version, MlflowClient(), model_uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise DataError(f"{model_uri}: not in the registry ({exc.message})") from None
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}"))
+    base, revision = tagged_base(version.tags, local, model_uri)
+    tokenizer = AutoTokenizer.from_pretrained(local / "components" / "tokenizer")
+    expected = version.tags.get("chat_template_sha256")
+    if expected and template_fingerprint(tokenizer) != expected:
+        raise DataError(f"{model_uri}: the tokenizer's chat template differs from the one the adapter was trained with")
+    return version, local, base, revision, tokenizer
+
+
+def eval_items(version, params, items: str | None):
+    """The items to verify on: --items, else the processed eval split (its md5 compared with the version's)."""
+    from pipeline.artifacts import file_md5
+    from pipeline.commands.predict import mcq_examples
+    from pipeline.data.formats import read_examples
+    from pipeline.registry.read import version_task
+
+    path = Path(items) if items else Path(params.validation.out_dir) / "eval.jsonl"
+    if not path.exists():
+        raise DataError(f"{path}: no items to verify the export on; run the pipeline (dvc repro) or pass --items")
+    if items:
+        examples = mcq_examples(path, version_task(version) or params.task, params.validation.max_record_bytes)
+    else:
+        examples = [e for e in read_examples(params.validation.out_dir, "eval", params.validation.max_record_bytes)
+                    if e.choices]
+    if not examples:
+        raise DataError(f"{path}: no MCQ items in it to verify the export on")
+    same = file_md5(path) == version.tags.get("data_eval_md5")
+    return examples, {"items": str(path), "n_items": len(examples), "items_are_versions_eval": same}
+
+
+def greedy_pairs(merged, tokenizer, gguf, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int) -> dict:
+    """Greedy generations of the merged model and of the GGUF on the same prompt tokens, token for token."""
+    import torch
+
+    same, prefix = 0, []
+    for ids in prompts:
+        with torch.no_grad():
+            out = merged.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids),
+                                  pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        reference = out[:next((i for i, t in enumerate(out) if t in stop_ids), len(out))]
+        got = gguf.greedy(ids, max_new_tokens)
+        same += got == reference
+        prefix.append(next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference))))
+    return {"greedy_items": len(prompts), "greedy_identical": same,
+            "greedy_mean_common_prefix": sum(prefix) / max(1, len(prefix))}
+
+
+def verify_gguf(gguf_path: Path, merged, tokenizer, examples, stop_ids: set[int], batch_size: int, greedy_items: int,
+                max_new_tokens: int) -> dict:
+    """The llama.cpp checks of the module docstring; returns their numbers (answers: both chosen-option lists)."""
+    from pipeline.data.formats import prompt_of
+    from pipeline.evaluation.scoring import choose, option_logprobs, option_sequences
+    from pipeline.gguf import runtime
+    from pipeline.modeling.chat_template import render
+
+    started = time.monotonic()
+    reference = choose(option_logprobs(merged, tokenizer, examples, batch_size))
+    gguf = runtime.load(gguf_path)
+    try:
+        bos_text = tokenizer.bos_token if gguf.add_bos() and tokenizer.bos_token else ""
+        texts = [render(tokenizer, prompt_of(e), generation_prompt=True) for e in examples]
+        pipeline_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        llama_ids = [gguf.tokenize(t.removeprefix(bos_text) if bos_text and t.startswith(bos_text) else t)
+                     for t in texts]
+        tokens_same = sum(a == b for a, b in zip(pipeline_ids, llama_ids, strict=True))
+        not_stopping = sorted(t for t in stop_ids if not gguf.is_end_of_turn(t))
+        scores = []
+        for e in examples:
+            sequences = option_sequences(tokenizer, e)
+            scores.append(gguf.option_logprobs([(s.input_ids, [p for p, bit in enumerate(s.assistant_masks)
+                                                               if bit and p > 0]) for s in sequences]))
+        chosen = choose(scores)
+        generations = greedy_pairs(merged, tokenizer, gguf, pipeline_ids[:greedy_items], stop_ids, max_new_tokens)
+    finally:
+        gguf.close()
+    agree = sum(a == b for a, b in zip(chosen, reference, strict=True))
+    return {"agreement": agree / len(examples), "items_agreeing": agree, "tokenizer_agreement": tokens_same / len(texts),
+            "prompts_tokenized_alike": tokens_same, "stop_tokens_not_ending": not_stopping, "bos_text": bos_text,
+            "accuracy_merged": _accuracy(reference, examples), "accuracy_gguf": _accuracy(chosen, examples),
+            **generations, "verify_s": round(time.monotonic() - started, 1)}
+
+
+def _accuracy(chosen: list[int], examples) -> float | None:
+    if any(e.answer is None for e in examples):
+        return None
+    return sum(c == e.answer for c, e in zip(chosen, examples, strict=True)) / len(examples)
+
+
+def template_chats(examples, system_prompt: str | None) -> list[list[dict]]:
+    """The eval prompts, plus chats of the other shapes a Modelfile serves: no system turn, several turns."""
+    from pipeline.data.formats import prompt_of
+
+    chats = [prompt_of(e) for e in examples]
+    user = [m for m in chats[0] if m["role"] == "user"][0]["content"]
+    chats.append([{"role": "user", "content": user}])
+    turns = [{"role": "user", "content": user}, {"role": "assistant", "content": "1"},
+             {"role": "user", "content": "Why?"}]
+    chats.append(turns)
+    if system_prompt:
+        chats.append([{"role": "system", "content": system_prompt}, *turns])
+    return chats
+
+
+def export_gguf(args, params) -> dict:
+    from pipeline.artifacts import file_sha256, replaced_whole
+    from pipeline.commands.merge import merged_model
+    from pipeline.data.formats import prompt_of
+    from pipeline.gguf import convert, ollama
+    from pipeline.modeling.chat_template import stop_token_ids
+    from pipeline.registry.read import version_task
+
+    quant = args.quant
+    floor = args.min_agreement if args.min_agreement is not None else DEFAULT_MIN_AGREEMENT[quant]
+    if not 0 < floor <= 1:
+        raise DataError(f"--min-agreement {floor}: expected a share in (0, 1]")
+    version, local, base, revision, tokenizer = version_and_files(args.model_uri)
+    examples, items = eval_items(version, params, args.items)
+    task = version_task(version) or params.task
+    out = Path(args.out or f"exports/{version.name}-v{version.version}-gguf-{quant}")
+    started = time.monotonic()
+    merged, diff = merged_model(base, local / "peft", tokenizer, [prompt_of(e) for e in examples[:8]], "float32",
+                                args.tolerance, revision, on_cpu=True)
+    stop_ids = stop_token_ids(base, tokenizer, revision)
+    name = f"model-{quant}.gguf"
+    with replaced_whole(out, owned_by=REPORT) as tmp:
+        hf_dir = tmp / "merged"
+        merged.save_pretrained(hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+        convert.strip_training_markers(hf_dir)
+        convert.convert(hf_dir, tmp / name, quant, args.pre_tokenizer)
+        shutil.rmtree(hf_dir)
+        report = verify_gguf(tmp / name, merged, tokenizer, examples, stop_ids, params.evaluate.batch_size,
+                             args.greedy_items, args.max_new_tokens)
+        stop_texts = sorted({tokenizer.convert_ids_to_tokens(t) for t in stop_ids})
+        template = ollama.derive_template(tokenizer, report["bos_text"])
+        text = ollama.modelfile(name, template, task.system_prompt or None, stop_texts, args.num_ctx)
+        (tmp / "Modelfile").write_text(text, encoding="utf-8")
+        report.update({
+            "model": f"models:/{version.name}/{version.version}", "format": "gguf", "quant": quant, "file": name,
+            "sha256": file_sha256(tmp / name), "size_bytes": (tmp / name).stat().st_size, "min_agreement": floor,
+            "merge_max_abs_logit_diff": diff, "stop_tokens": stop_texts, **items,
+            "template_check": (ollama.check_template(text, tokenizer, template_chats(examples, task.system_prompt),
+                                                     report["bos_text"]) if not args.skip_template_check else "skipped"),
+        })
+        failures = refusals(report)
+        if failures:
+            raise DataError(f"{args.model_uri}: the {quant} GGUF fails verification, nothing kept or logged: "
+                            + "; ".join(failures))
+        report["export_s"] = round(time.monotonic() - started, 1)
+        (tmp / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not args.no_log:
+        report["uri"] = log_export(version, out, f"gguf-{quant}", report)
+        (out / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return report
+
+
+def refusals(report: dict) -> list[str]:
+    out = []
+    if report["prompts_tokenized_alike"] < report["n_items"]:
+        out.append(f"llama.cpp tokenizes {report['n_items'] - report['prompts_tokenized_alike']} of "
+                   f"{report['n_items']} prompts differently from the model's tokenizer")
+    if report["stop_tokens_not_ending"]:
+        out.append(f"tokens {report['stop_tokens_not_ending']} end the pipeline's generations but not llama.cpp's")
+    if report["agreement"] < report["min_agreement"]:
+        out.append(f"chosen options agree with the merged model's on {report['items_agreeing']}/{report['n_items']} "
+                   f"items ({report['agreement']:.3f} < --min-agreement {report['min_agreement']})")
+    return out
+
+
+def log_export(version, out: Path, name: str, report: dict) -> str:
+    """The export as artifacts of the version's run and as tags of the version; returns the artifact URI."""
+    from mlflow import MlflowClient
+
+    from pipeline.registry.read import registry_call
+
+    client = MlflowClient()
+    if not version.run_id:
+        raise DataError(f"models:/{version.name}/{version.version} has no run to log the export to")
+    registry_call(client.log_artifacts, version.run_id, str(out), f"exports/{name}")
+    uri = f"runs:/{version.run_id}/exports/{name}"
+    prefix = f"export.{name.replace('-', '.')}"
+    tags = {"uri": uri, "file": report.get("file", ""), "sha256": report.get("sha256", ""),
+            "agreement": report.get("agreement", ""), "tokenizer_agreement": report.get("tokenizer_agreement", ""),
+            "greedy_identical": f"{report.get('greedy_identical', '')}/{report.get('greedy_items', '')}"}
+    for key, value in tags.items():
+        if value != "" and value != "/":
+            registry_call(client.set_model_version_tag, version.name, version.version, f"{prefix}.{key}", str(value))
+    return uri
+
+
+def export_vllm(args, params) -> dict:
+    """adapter/ + base/ + serve-vllm.sh for `vllm serve --enable-lora` (no GPU here: the command is written, not run)."""
+    from pipeline.artifacts import replaced_whole
+
+    version, local, base, revision, _ = version_and_files(args.model_uri)
+    config = json.loads((local / "peft" / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise DataError(f"{args.model_uri}: vLLM serves LoRA adapters only; this one is {config.get('peft_type')}")
+    if set(config.get("modules_to_save") or []) - {"embed_tokens", "lm_head"}:
+        raise DataError(f"{args.model_uri}: vLLM cannot serve an adapter with modules_to_save "
+                        f"{config['modules_to_save']}; merge it instead (python -m pipeline.commands.merge)")
+    rank = max(8, 1 << (int(config["r"]) - 1).bit_length())
+    out = Path(args.out or f"exports/{version.name}-v{version.version}-vllm")
+    lora = f"{version.name}-v{version.version}"
+    with replaced_whole(out, owned_by=REPORT) as tmp:
+        shutil.copytree(local / "peft", tmp / "adapter")
+        if Path(base).is_dir():
+            shutil.copytree(base, tmp / "base", ignore=shutil.ignore_patterns("model_ref.json"))
+            served = '"$here/base"'
+        else:
+            served = base + (f" --revision {revision}" if revision else "")
+        quantized = " --quantization bitsandbytes" if version.tags.get("sft.quantization") in ("nf4", "fp4") else ""
+        command = (f'vllm serve {served}{quantized} --enable-lora --max-lora-rank {rank} '
+                   f'--lora-modules {lora}="$here/adapter" "$@"')
+        (tmp / "serve-vllm.sh").write_text(f'#!/bin/sh\n# {version.name} v{version.version} on its base; requests '
+                                           f'name the model "{lora}".\nhere=$(cd "$(dirname "$0")" && pwd)\n'
+                                           f'exec {command}\n', encoding="utf-8")
+        (tmp / "serve-vllm.sh").chmod(0o755)
+        report = {"model": f"models:/{version.name}/{version.version}", "format": "vllm", "lora_name": lora,
+                  "max_lora_rank": rank, "base": base, "revision": revision, "command": command}
+        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.config import load_params
+    from pipeline.tracking import configure
+
+    parser = cli_parser(__doc__, "python -m pipeline.export")
+    parser.add_argument("--model-uri", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
+    parser.add_argument("--format", choices=FORMATS, default="gguf")
+    parser.add_argument("--quant", choices=("f16", "q8_0"), default="f16", help="GGUF weight type")
+    parser.add_argument("--out", help="output directory (default exports/<name>-v<version>-<format>[-<quant>])")
+    parser.add_argument("--items", help="MCQ items to verify on (default: the processed eval split)")
+    parser.add_argument("--min-agreement", type=float,
+                        help="share of items whose chosen option must match the merged model's (0.99 f16, 0.95 q8_0)")
+    parser.add_argument("--greedy-items", type=int, default=4, help="prompts whose greedy generations are compared")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="merge logit check (as `merge`)")
+    parser.add_argument("--num-ctx", type=int, default=2048, help="the Modelfile's context length")
+    parser.add_argument("--pre-tokenizer", help="llama.cpp pre-tokenizer name for a tokenizer the converter does not "
+                                                "recognise (checked by the export's tokenizer check)")
+    parser.add_argument("--skip-template-check", action="store_true", help="do not render the Modelfile in Go")
+    parser.add_argument("--no-log", action="store_true", help="write --out only; log nothing to the registry")
+    args = parser.parse_args(argv)
+    params = load_params()
+    configure(params)
+    report = export_gguf(args, params) if args.format == "gguf" else export_vllm(args, params)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    run_cli(main)
