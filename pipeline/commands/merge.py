@@ -55,8 +55,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, prompts: lis
 def main(argv: list[str] | None = None) -> None:
     parser = cli_parser(__doc__, "python -m pipeline.commands.merge")
     parser.add_argument("--out", default="models/merged", help="output model directory")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="max abs logit difference allowed (float32: merging reorders the sums)")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="max abs logit difference allowed (float32: merging reorders the sums; a real model's logits reach tens)")
     parser.add_argument("--n-prompts", type=int, default=8)
     args = parser.parse_args(argv)
     import mlflow

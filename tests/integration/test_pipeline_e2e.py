@@ -418,8 +418,8 @@ def test_readme_commands_run_as_written_without_the_venv_on_path(pipeline_run, c
     pipeline_run["before_experiment"] = tmp_path / "before-experiment"
     commands = readme_commands()
     assert [c.split()[1] if c.startswith(".venv/bin/dvc") else c.split()[2] for c in commands] == \
-        ["exp", "exp", "metrics", *(f"pipeline.commands.{m}" for m in ("predict", "chat", "merge", "rollback", "reproduce"))], \
-        commands
+        ["exp", "exp", "metrics", *(f"pipeline.commands.{m}" for m in ("predict", "chat", "merge", "rollback")),
+         "pipeline.export", "pipeline.commands.reproduce"], commands
     results = {}
     for command in commands:
         if "pipeline.commands.reproduce" in command:
@@ -455,6 +455,13 @@ def test_readme_commands_run_as_written_without_the_venv_on_path(pipeline_run, c
     assert not any("lora" in name for name, _ in merged.named_parameters())
     base = AutoModelForCausalLM.from_pretrained(project / "models/dapt")
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    # export: the champion as an f16 GGUF that llama.cpp answered like the merged model, logged to the version.
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    out = project / "exports" / f"{MODEL_NAME}-v{champion.version}-gguf-f16"
+    report = json.loads((out / "export.json").read_text())
+    assert report["agreement"] >= 0.99 and report["prompts_tokenized_alike"] == report["n_items"] == 150
+    assert champion.tags["export.gguf.f16.sha256"] == report["sha256"] == sha256(out / "model-f16.gguf")
+    assert (out / "Modelfile").read_text().startswith("FROM ./model-f16.gguf\n")
 
 
 def test_two_concurrent_registrations_are_decided_one_after_the_other(pipeline_run, tmp_path):
