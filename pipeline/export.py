@@ -119,6 +119,10 @@ def verify_gguf(gguf_path: Path, merged, tokenizer, examples, stop_ids: set[int]
                      for t in texts]
         tokens_same = sum(a == b for a, b in zip(pipeline_ids, llama_ids, strict=True))
         not_stopping = sorted(t for t in stop_ids if not gguf.is_end_of_turn(t))
+        if tokens_same < len(texts):  # the answers of other prompts than the pipeline's say nothing: stop here
+            return {"agreement": None, "items_agreeing": None, "tokenizer_agreement": tokens_same / len(texts),
+                    "prompts_tokenized_alike": tokens_same, "stop_tokens_not_ending": not_stopping,
+                    "bos_text": bos_text}
         scores = []
         for e in tqdm(examples, desc="llama.cpp: scoring options", unit="item"):
             sequences = option_sequences(tokenizer, e)
@@ -156,11 +160,37 @@ def template_chats(examples, system_prompt: str | None) -> list[list[dict]]:
     return chats
 
 
+def write_gguf(tmp: Path, merged, tokenizer, examples, stop_ids: set[int], system_prompt: str | None, quant: str,
+               batch_size: int, *, greedy_items: int = 4, max_new_tokens: int = 16, num_ctx: int = 2048,
+               pre_tokenizer: str | None = None, template_check: bool = True) -> dict:
+    """Into tmp: the merged model as a `quant` GGUF and its Modelfile, verified (verify_gguf, the Modelfile in Go);
+    returns the report, to be judged by `refusals`."""
+    from pipeline.artifacts import file_sha256
+    from pipeline.gguf import convert, ollama
+
+    name = f"model-{quant}.gguf"
+    hf_dir = tmp / "merged"
+    merged.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    convert.strip_training_markers(hf_dir)
+    convert.convert(hf_dir, tmp / name, quant, pre_tokenizer)
+    shutil.rmtree(hf_dir)
+    report = verify_gguf(tmp / name, merged, tokenizer, examples, stop_ids, batch_size, greedy_items, max_new_tokens)
+    stop_texts = sorted({tokenizer.convert_ids_to_tokens(t) for t in stop_ids})
+    template = ollama.derive_template(tokenizer, report["bos_text"])
+    text = ollama.modelfile(name, template, system_prompt or None, stop_texts, num_ctx)
+    (tmp / "Modelfile").write_text(text, encoding="utf-8")
+    checked = (ollama.check_template(text, tokenizer, template_chats(examples, system_prompt), report["bos_text"])
+               if template_check else "skipped")
+    return {**report, "format": "gguf", "quant": quant, "file": name, "sha256": file_sha256(tmp / name),
+            "size_bytes": (tmp / name).stat().st_size, "stop_tokens": stop_texts, "n_items": len(examples),
+            "template_check": checked}
+
+
 def export_gguf(args, params) -> dict:
-    from pipeline.artifacts import file_sha256, replaced_whole
+    from pipeline.artifacts import replaced_whole, write_text_atomically
     from pipeline.commands.merge import merged_model
     from pipeline.data.formats import prompt_of
-    from pipeline.gguf import convert, ollama
     from pipeline.modeling.chat_template import stop_token_ids
     from pipeline.registry.read import version_task
 
@@ -175,28 +205,13 @@ def export_gguf(args, params) -> dict:
     started = time.monotonic()
     merged, diff = merged_model(base, local / "peft", tokenizer, [prompt_of(e) for e in examples[:8]], "float32",
                                 args.tolerance, revision, on_cpu=True)
-    stop_ids = stop_token_ids(base, tokenizer, revision)
-    name = f"model-{quant}.gguf"
     with replaced_whole(out, owned_by=REPORT) as tmp:
-        hf_dir = tmp / "merged"
-        merged.save_pretrained(hf_dir)
-        tokenizer.save_pretrained(hf_dir)
-        convert.strip_training_markers(hf_dir)
-        convert.convert(hf_dir, tmp / name, quant, args.pre_tokenizer)
-        shutil.rmtree(hf_dir)
-        report = verify_gguf(tmp / name, merged, tokenizer, examples, stop_ids, params.evaluate.batch_size,
-                             args.greedy_items, args.max_new_tokens)
-        stop_texts = sorted({tokenizer.convert_ids_to_tokens(t) for t in stop_ids})
-        template = ollama.derive_template(tokenizer, report["bos_text"])
-        text = ollama.modelfile(name, template, task.system_prompt or None, stop_texts, args.num_ctx)
-        (tmp / "Modelfile").write_text(text, encoding="utf-8")
-        report.update({
-            "model": f"models:/{version.name}/{version.version}", "format": "gguf", "quant": quant, "file": name,
-            "sha256": file_sha256(tmp / name), "size_bytes": (tmp / name).stat().st_size, "min_agreement": floor,
-            "merge_max_abs_logit_diff": diff, "stop_tokens": stop_texts, **items,
-            "template_check": (ollama.check_template(text, tokenizer, template_chats(examples, task.system_prompt),
-                                                     report["bos_text"]) if not args.skip_template_check else "skipped"),
-        })
+        report = write_gguf(tmp, merged, tokenizer, examples, stop_token_ids(base, tokenizer, revision),
+                            task.system_prompt, quant, params.evaluate.batch_size, greedy_items=args.greedy_items,
+                            max_new_tokens=args.max_new_tokens, num_ctx=args.num_ctx, pre_tokenizer=args.pre_tokenizer,
+                            template_check=not args.skip_template_check)
+        report.update({"model": f"models:/{version.name}/{version.version}", "min_agreement": floor,
+                       "merge_max_abs_logit_diff": diff, **items})
         failures = refusals(report)
         if failures:
             raise DataError(f"{args.model_uri}: the {quant} GGUF fails verification, nothing kept or logged: "
@@ -205,7 +220,7 @@ def export_gguf(args, params) -> dict:
         (tmp / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if not args.no_log:
         report["uri"] = log_export(version, out, f"gguf-{quant}", report)
-        (out / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text_atomically(out / REPORT, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 
@@ -216,7 +231,7 @@ def refusals(report: dict) -> list[str]:
                    f"{report['n_items']} prompts differently from the model's tokenizer")
     if report["stop_tokens_not_ending"]:
         out.append(f"tokens {report['stop_tokens_not_ending']} end the pipeline's generations but not llama.cpp's")
-    if report["agreement"] < report["min_agreement"]:
+    if report["agreement"] is not None and report["agreement"] < report["min_agreement"]:
         out.append(f"chosen options agree with the merged model's on {report['items_agreeing']}/{report['n_items']} "
                    f"items ({report['agreement']:.3f} < --min-agreement {report['min_agreement']})")
     return out

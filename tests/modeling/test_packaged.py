@@ -99,3 +99,36 @@ def test_raw_text_is_packed_as_pretraining_saw_it(name, bos, tokenizers, tiny_wo
     assert pack_corpus([line] * 40, tokenizer, 16)[0][:len(ids)] == ids[:16]
     tiny = load_tokenizer(tiny_world.base)
     assert document_ids(tiny, line) == tiny(line, add_special_tokens=False)["input_ids"] + [tiny.eos_token_id]
+
+
+@pytest.mark.extended
+def test_the_packaged_gemma3_exports_to_a_gguf_llama_cpp_verifies(tmp_path):
+    """Gemma 3 through the GGUF export (pipeline/export.py write_gguf, as `python -m pipeline.export` runs it on a
+    version): llama.cpp's converter, llama.cpp tokenizing ARC-Easy prompts as the pipeline does, `<end_of_turn>`
+    ending its turns, every chosen option the same as the Hugging Face model's at f16, and a Modelfile whose
+    template Go renders like Gemma's Jinja template (the system prompt folded into the first user turn)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data.benchmarks import benchmark_items, olmo_wheel
+    from pipeline.export import refusals, write_gguf
+    from pipeline.modeling.chat_template import chat_tokenizer, stop_token_ids
+    from pipeline.modeling.packaged import build_packaged_base
+
+    build_packaged_base("gemma3-270m", tmp_path / "base", tmp_path / "gguf")
+    task = TaskParams(system_prompt="Answer the science question.",
+                      user_template="Question:\n{question}\n\nChoices:\n{choices}\n\nAnswer:")
+    items, _, _ = benchmark_items("arc-easy", olmo_wheel())
+    examples = [to_example(Record("arc.jsonl", i, True, item), "mcq", task) for i, item in enumerate(items[:20])]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    tokenizer = chat_tokenizer(tmp_path / "base")
+    stops = stop_token_ids(tmp_path / "base", tokenizer)
+    (tmp_path / "out").mkdir()
+    report = write_gguf(tmp_path / "out", model, tokenizer, examples, stops, task.system_prompt, "f16", 8)
+    report["min_agreement"] = 0.99
+    assert refusals(report) == [], report
+    assert report["prompts_tokenized_alike"] == report["items_agreeing"] == 20 and report["bos_text"] == "<bos>"
+    assert "<end_of_turn>" in report["stop_tokens"] and report["template_check"]["identical"] == 24
+    modelfile = (tmp_path / "out/Modelfile").read_text()
+    assert 'PARAMETER stop "<end_of_turn>"' in modelfile and "<bos>" not in modelfile
+    assert "<start_of_turn>model\n" in modelfile
