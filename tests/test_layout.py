@@ -111,3 +111,10 @@ def test_a_built_wheel_holds_every_package():
     on_disk = {p.parent.relative_to(REPO).as_posix().replace("/", ".")
                for d in ("pipeline", "flows") for p in (REPO / d).rglob("*.py") if "__pycache__" not in p.parts}
     assert on_disk <= found and found <= on_disk | {"pipeline", "flows"}, (on_disk, found)
+    # Files other than Python that a package reads at run time are its package data (the Modelfile check's Go).
+    data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]
+    others = [p for d in ("pipeline", "flows") for p in (REPO / d).rglob("*") if p.is_file() and p.suffix not in
+              (".py", ".pyc")]
+    for path in others:
+        package = path.parent.relative_to(REPO).as_posix().replace("/", ".")
+        assert any(path.match(pattern) for pattern in data.get(package, [])), f"{path}: not in package-data"

@@ -3,7 +3,7 @@
 `merge_and_unload` folds the LoRA weights into an unquantized copy of the base (compute dtype from
 params) and saves a full model directory (safetensors + tokenizer). Before anything is written, the
 merged model's logits are compared with base+adapter on a batch of held-out prompts; a difference
-above `--tolerance` stops with nothing written. The check is logged to MLflow.
+above `--tolerance` times the largest logit (at least 1) stops with nothing written. The check is logged to MLflow.
 """
 
 from __future__ import annotations
@@ -13,34 +13,13 @@ from pathlib import Path
 from pipeline.cli import cli_parser, run_cli
 from pipeline.config import load_params
 from pipeline.data.formats import prompt_of, read_examples
-from pipeline.errors import DataError
 from pipeline.modeling.loading import (
-    load_causal_lm,
     load_tokenizer,
-    no_grad,
     save_atomically,
 )
+from pipeline.modeling.merging import merged_model
 from pipeline.modeling.precision import trained_precision
 from pipeline.tracking import stage_run
-
-
-@no_grad
-def merged_model(base: str | Path, adapter_dir: Path, tokenizer, prompts: list[list[dict]], compute_dtype: str,
-                 tolerance: float, revision: str | None = None, on_cpu: bool = False):
-    """(base with the adapter folded in, max abs logit difference against base+adapter on the prompts); a
-    difference above tolerance raises before anything is returned."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_causal_lm(base, compute_dtype=compute_dtype, revision=revision, on_cpu=on_cpu),
-                                      str(adapter_dir)).eval()
-    batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, padding=True,
-                                          return_dict=True, return_tensors="pt")
-    reference = model(**batch).logits
-    merged = model.merge_and_unload()
-    diff = (merged(**batch).logits - reference).abs().max().item()
-    if diff > tolerance:
-        raise DataError(f"merged logits differ from base+adapter by {diff:.3g} > tolerance {tolerance}; nothing written")
-    return merged, diff
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, prompts: list[list[dict]],
@@ -55,8 +34,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, prompts: lis
 def main(argv: list[str] | None = None) -> None:
     parser = cli_parser(__doc__, "python -m pipeline.commands.merge")
     parser.add_argument("--out", default="models/merged", help="output model directory")
-    parser.add_argument("--tolerance", type=float, default=1e-3,
-                        help="max abs logit difference allowed (float32: merging reorders the sums; a real model's logits reach tens)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="max abs logit difference allowed, relative to the largest logit (float32: merging reorders the sums)")
     parser.add_argument("--n-prompts", type=int, default=8)
     args = parser.parse_args(argv)
     import mlflow

@@ -1,4 +1,4 @@
-"""The registry's champion exported (pipeline/export.py) from the store of a real `dvc repro`: a q8_0 GGUF that
+"""The registry's champion exported (pipeline/commands/export.py) from the store of a real `dvc repro`: a q8_0 GGUF that
 llama.cpp verified on the version's eval items, logged to the version (artifacts + tags whose sha256 is the
 file's), with llama.cpp's metadata carrying the chat template and stop token, and weights that the pinned `gguf`
 reader (an implementation other than llama.cpp's) reads back close to the merged model's; an export that fails
@@ -74,8 +74,8 @@ def test_the_gguf_carries_the_chat_template_and_weights_close_to_the_merged_mode
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     assert tokens[fields["tokenizer.ggml.eos_token_id"]] == "<|eot_id|>"
     # The merged model (f32, as the export merged it) against the GGUF's weights, dequantized by the pinned gguf.
-    from pipeline.commands.merge import merged_model
-    from pipeline.export import version_and_files
+    from pipeline.commands.export import version_and_files
+    from pipeline.modeling.merging import merged_model
 
     version, local, base, revision, tokenizer = version_and_files(URI)
     merged, _ = merged_model(base, local / "peft", tokenizer, [[{"role": "user", "content": "1"}]], "float32", 1e-3,
@@ -92,9 +92,10 @@ def test_the_gguf_carries_the_chat_template_and_weights_close_to_the_merged_mode
 def test_an_export_that_fails_verification_is_refused_and_leaves_nothing(pipeline_run, client, tmp_path):
     before = dict(client.get_model_version_by_alias(MODEL_NAME, "champion").tags)
     out = tmp_path / "refused"
-    # llama.cpp told to split text as Llama 3 does (a non-letter glued to the word after it, "\n\n" runs apart):
-    # the converter writes it as asked, and every prompt comes out as other tokens than the pipeline's.
-    proc = export(pipeline_run, "--quant", "f16", "--out", str(out), "--pre-tokenizer", "llama3")
+    # llama.cpp told to split text as DeepSeek LLM does (its own rules for newlines, digits and Hangul): the
+    # converter writes it as asked, and every prompt comes out as other tokens than the pipeline's. (Llama 3's,
+    # GPT-2's, Command R's and others' rules happen to split these prompts alike; GPT-4o's differ on 17 of 150.)
+    proc = export(pipeline_run, "--quant", "f16", "--out", str(out), "--pre-tokenizer", "deepseek-llm")
     assert proc.returncode != 0
     assert "fails verification, nothing kept or logged" in proc.stderr
     assert "llama.cpp tokenizes 150 of 150 prompts differently from the model's tokenizer" in proc.stderr, \
@@ -122,7 +123,9 @@ def test_the_vllm_export_holds_the_adapter_the_base_and_the_exact_command(pipeli
     rank = json.loads((out / "adapter" / "adapter_config.json").read_text())["r"]
     assert rank in (8, 16, 32, 64)  # a rank vLLM offers as --max-lora-rank: no rounding up
     script = (out / "serve-vllm.sh").read_text()
-    assert (f'exec vllm serve "$here/base" --enable-lora --max-lora-rank {rank} '
+    # QLoRA (the default's nf4) is served as trained: vLLM quantizes the base with bitsandbytes in flight.
+    quantized = " --quantization bitsandbytes" if version.tags["sft.quantization"] == "nf4" else ""
+    assert (f'exec vllm serve "$here/base"{quantized} --enable-lora --max-lora-rank {rank} '
             f'--lora-modules {MODEL_NAME}-v{version.version}="$here/adapter" --chat-template "$here/chat_template.jinja" "$@"') in script
     template = (local / "components" / "tokenizer" / "chat_template.jinja").read_text()
     assert (out / "chat_template.jinja").read_text() == template.replace("{% generation %}", "").replace(

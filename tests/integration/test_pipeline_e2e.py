@@ -32,6 +32,14 @@ from tests.integration.serving_endpoint import (  # noqa: E402,F401
     test_mcq_requests_answer_as_predict_does_one_and_a_batch,
     test_the_version_carries_its_signature_and_input_example,
 )
+# The champion exported as GGUF and for vLLM (tests/integration/export_gguf.py), on this module's pipeline run.
+from tests.integration.export_gguf import (  # noqa: E402,F401
+    q8_export,
+    test_a_q8_0_export_is_verified_in_llama_cpp_and_logged_to_the_version,
+    test_an_export_that_fails_verification_is_refused_and_leaves_nothing,
+    test_the_gguf_carries_the_chat_template_and_weights_close_to_the_merged_model,
+    test_the_vllm_export_holds_the_adapter_the_base_and_the_exact_command,
+)
 
 pytestmark = pytest.mark.slow  # the whole default pipeline
 

@@ -103,7 +103,7 @@ def test_raw_text_is_packed_as_pretraining_saw_it(name, bos, tokenizers, tiny_wo
 
 @pytest.mark.extended
 def test_the_packaged_gemma3_exports_to_a_gguf_llama_cpp_verifies(tmp_path):
-    """Gemma 3 through the GGUF export (pipeline/export.py write_gguf, as `python -m pipeline.export` runs it on a
+    """Gemma 3 through the GGUF export (pipeline/gguf/verify.py write_gguf, as `python -m pipeline.export` runs it on a
     version): llama.cpp's converter, llama.cpp tokenizing ARC-Easy prompts as the pipeline does, `<end_of_turn>`
     ending its turns, every chosen option the same as the Hugging Face model's at f16, and a Modelfile whose
     template Go renders like Gemma's Jinja template (the system prompt folded into the first user turn)."""
@@ -111,7 +111,7 @@ def test_the_packaged_gemma3_exports_to_a_gguf_llama_cpp_verifies(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from pipeline.data.benchmarks import benchmark_items, olmo_wheel
-    from pipeline.export import refusals, write_gguf
+    from pipeline.gguf.verify import refusals, write_gguf
     from pipeline.modeling.chat_template import chat_tokenizer, stop_token_ids
     from pipeline.modeling.packaged import build_packaged_base
 

@@ -1,0 +1,4 @@
+from pipeline.cli import run_cli
+from pipeline.commands.export import main
+
+run_cli(main)
