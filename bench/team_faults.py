@@ -8,8 +8,9 @@ TINY_BASE, TINY_SAMPLE). Each fault is injected into a real triggered deployment
    written a checkpoint; that run ends, then a run with other params (`sft.max_steps=130`) is triggered and must
    complete with no manual cleanup: the Prefect concurrency slot free again, the checkout's pipeline lock free,
    every version with its tags.
-2. postgres-restart: PostgreSQL (behind both servers and the registry lock) is restarted (`pg_ctl restart -m
-   fast`) while a run trains; what the run does, and whether the next run completes.
+2. postgres-restart: PostgreSQL (behind both servers and the registry lock) is stopped (`pg_ctl stop -m fast`:
+   every connection cut) and started again while a run trains; what the run does, and whether the next run
+   completes.
 3. mlflow-down-in-register: the MLflow server is stopped while a run is in its `register` stage: register retries
    (PIPELINE_REGISTRY_RETRIES, default 6 attempts, ~1 min of backoff), then fails with a clear message, leaving no
    version without its tags; the server is started again and the run retriggered with the same params.
@@ -141,10 +142,13 @@ def postgres_restart(team, checkout: Path) -> dict:
     run = trigger(150)
     stage_process(checkout, "sft")
     start = time.monotonic()
+    # As an operator restarts it: a fast shutdown (every connection cut), then the team's own start (its options,
+    # its log file; `pg_ctl restart` would hand the new server this process's pipes).
     proc = subprocess.run(as_server_user([pg_tool("pg_ctl"), "-D", str(team.root / "pg"), "-m", "fast", "-w",
-                                          "restart"]), capture_output=True, text=True)
+                                          "stop"]), capture_output=True, text=True)
+    team.start_postgres()
     restart = time.monotonic() - start
-    say(f"postgres-restart: pg_ctl restart -> {proc.returncode} in {restart:.1f} s")
+    say(f"postgres-restart: pg_ctl stop -m fast -> {proc.returncode}, started again; {restart:.1f} s")
     first = wait_final(run)
     total = time.monotonic() - start
     say(f"postgres-restart: the run is {first.state.name} {total:.0f} s after the restart began")
@@ -152,7 +156,7 @@ def postgres_restart(team, checkout: Path) -> dict:
     second = wait_final(trigger(170))
     took = time.monotonic() - again
     say(f"postgres-restart: the next run is {second.state.name} after {took:.0f} s")
-    return {"pg_restart_rc": proc.returncode, "pg_restart_s": round(restart, 1), "run": first.state.name,
+    return {"pg_stop_rc": proc.returncode, "pg_down_and_up_s": round(restart, 1), "run": first.state.name,
             "run_final_after_s": round(total, 1), "run_says": "" if first.state.is_completed() else failure_line(run),
             "next_run": second.state.name, "next_run_s": round(took, 1), **leftovers(team, checkout)}
 
@@ -184,7 +188,8 @@ def mlflow_down_in_register(team, checkout: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "bench" / "results-team-faults.json"))
-    parser.add_argument("--only", choices=("sigkill-training", "postgres-restart", "mlflow-down-in-register"))
+    parser.add_argument("--only", nargs="+", choices=("sigkill-training", "postgres-restart", "mlflow-down-in-register"),
+                        help="these faults only (after a baseline run), their results merged into --out")
     args = parser.parse_args()
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
@@ -194,7 +199,10 @@ def main() -> None:
     root.chmod(0o711)  # PostgreSQL runs as its own user when this runs as root
     checkout = make_project_copy(root / "project")
     team = Team(root / "state", {"pg": free_port(), "mlflow": free_port(), "prefect": free_port()})
-    results = {"machine": os.uname().machine, "cpus": len(os.sched_getaffinity(0))}
+    out = Path(args.out)
+    # --only reruns one fault and keeps the others' results.
+    results = json.loads(out.read_text(encoding="utf-8")) if args.only and out.exists() else {}
+    results.update({"machine": os.uname().machine, "cpus": len(os.sched_getaffinity(0))})
     try:
         team.up([checkout, checkout], checkout)
         say("team up: PostgreSQL, MLflow, Prefect, two workers in one checkout")
@@ -202,14 +210,15 @@ def main() -> None:
         with temporary_settings({PREFECT_API_URL: team.urls()["PREFECT_API_URL"],
                                  PREFECT_API_AUTH_STRING: team.credentials.read()["prefect_auth_string"]}):
             start = time.monotonic()
-            baseline = wait_final(trigger(60))
-            results["baseline_run"] = {"state": baseline.state.name, "s": round(time.monotonic() - start, 1)}
-            say(f"baseline run: {baseline.state.name} in {results['baseline_run']['s']} s")
+            baseline = wait_final(trigger(60))  # also builds what every later run shares (data, base, DAPT)
+            results["baseline_run" if not args.only else f"baseline_run_before_{'+'.join(args.only)}"] = {
+                "state": baseline.state.name, "s": round(time.monotonic() - start, 1)}
+            say(f"baseline run: {baseline.state.name} in {time.monotonic() - start:.1f} s")
             for name, fault in [("sigkill-training", sigkill_training), ("postgres-restart", postgres_restart),
                                 ("mlflow-down-in-register", mlflow_down_in_register)]:
-                if args.only in (None, name):
+                if args.only is None or name in args.only:
                     results[name] = fault(team, checkout)
-                    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+                    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     finally:
         team.down()
     print(json.dumps(results, indent=2))
