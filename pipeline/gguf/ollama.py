@@ -101,8 +101,7 @@ def go_render(template: str, chats: list[list[dict]]) -> list[str]:
     go = shutil.which("go")
     if go is None:
         raise DataError("the Modelfile check needs Go (its text/template is Ollama's template engine): install it "
-                        "(Debian: apt-get install golang-go; `make install-export` does as root), or pass "
-                        "--skip-template-check")
+                        "(Debian: apt-get install golang-go; `make install-export` does as root)")
     cases = [{"template": template, "system": "", "messages": chat} for chat in chats]
     with tempfile.TemporaryDirectory() as scratch:  # build cache and GOPATH where HOME gives none
         env = {"GOCACHE": f"{scratch}/cache", "GOPATH": f"{scratch}/go"} if "HOME" not in os.environ else {}

@@ -9,6 +9,7 @@ template in Go (ollama.py). `refusals` says what in a report makes the export wr
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -112,8 +113,13 @@ def write_gguf(tmp: Path, merged, tokenizer, examples, stop_ids: set[int], syste
     template = ollama.derive_template(tokenizer, report["bos_text"])
     text = ollama.modelfile(name, template, system_prompt or None, stop_texts, num_ctx)
     (tmp / "Modelfile").write_text(text, encoding="utf-8")
-    checked = (ollama.check_template(text, tokenizer, template_chats(examples, system_prompt), report["bos_text"])
-               if template_check else "skipped")
+    if not template_check:
+        checked = "skipped (--skip-template-check)"
+    elif shutil.which("go") is None:
+        checked = "not run: no Go toolchain to render it with (Debian: apt-get install golang-go)"
+        print(f"export: warning: the Modelfile's template was {checked}", file=sys.stderr)
+    else:
+        checked = ollama.check_template(text, tokenizer, template_chats(examples, system_prompt), report["bos_text"])
     return {**report, "format": "gguf", "quant": quant, "file": name, "sha256": file_sha256(tmp / name),
             "size_bytes": (tmp / name).stat().st_size, "stop_tokens": stop_texts, "n_items": len(examples),
             "template_check": checked}

@@ -52,6 +52,8 @@ def test_a_q8_0_export_is_verified_in_llama_cpp_and_logged_to_the_version(q8_exp
     version = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert version.tags["export.gguf.q8_0.sha256"] == sha
     assert float(version.tags["export.gguf.q8_0.agreement"]) == report["agreement"]
+    chats = report["template_check"]["chats"]
+    assert version.tags["export.gguf.q8_0.template_check"] == f"{chats}/{chats} chats rendered identically in Go"
     logged = Path(mlflow.artifacts.download_artifacts(version.tags["export.gguf.q8_0.uri"]))
     assert hashlib.sha256((logged / "model-q8_0.gguf").read_bytes()).hexdigest() == sha
     assert (logged / "Modelfile").read_text() == (out / "Modelfile").read_text()
