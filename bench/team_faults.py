@@ -112,6 +112,15 @@ def leftovers(team, checkout: Path) -> dict:
             "versions_without_promotion_tag": sorted(v.version for v in versions if "promotion" not in v.tags)}
 
 
+def timed_run(label: str, max_steps: int):
+    """Trigger a run and wait for its end: (the flow run, seconds it took)."""
+    start = time.monotonic()
+    run = wait_final(trigger(max_steps))
+    took = time.monotonic() - start
+    say(f"{label}: {run.state.name} after {took:.0f} s")
+    return run, took
+
+
 def sigkill_training(team, checkout: Path) -> dict:
     run = trigger(400)
     sft = stage_process(checkout, "sft")
@@ -124,10 +133,7 @@ def sigkill_training(team, checkout: Path) -> dict:
     first = wait_final(run)
     ended = time.monotonic() - killed
     say(f"sigkill-training: the killed run is {first.state.name} {ended:.0f} s later")
-    start = time.monotonic()
-    second = wait_final(trigger(130))
-    took = time.monotonic() - start
-    say(f"sigkill-training: the next run (other params) is {second.state.name} after {took:.0f} s")
+    second, took = timed_run("sigkill-training: the next run (other params)", 130)
     return {"killed_run": first.state.name, "killed_run_final_after_s": round(ended, 1),
             "killed_run_says": failure_line(run), "next_run": second.state.name, "next_run_s": round(took, 1),
             "next_run_says": "" if second.state.is_completed() else failure_line(second.id),
@@ -152,10 +158,7 @@ def postgres_restart(team, checkout: Path) -> dict:
     first = wait_final(run)
     total = time.monotonic() - start
     say(f"postgres-restart: the run is {first.state.name} {total:.0f} s after the restart began")
-    again = time.monotonic()
-    second = wait_final(trigger(170))
-    took = time.monotonic() - again
-    say(f"postgres-restart: the next run is {second.state.name} after {took:.0f} s")
+    second, took = timed_run("postgres-restart: the next run", 170)
     return {"pg_stop_rc": proc.returncode, "pg_down_and_up_s": round(restart, 1), "run": first.state.name,
             "run_final_after_s": round(total, 1), "run_says": "" if first.state.is_completed() else failure_line(run),
             "next_run": second.state.name, "next_run_s": round(took, 1), **leftovers(team, checkout)}
@@ -176,10 +179,7 @@ def mlflow_down_in_register(team, checkout: Path) -> dict:
     say(f"mlflow-down-in-register: the run is {first.state.name} {failed_after:.0f} s later: {says[:160]}")
     team.start_mlflow()
     after_failure = leftovers(team, checkout)
-    start = time.monotonic()
-    second = wait_final(trigger(190))
-    took = time.monotonic() - start
-    say(f"mlflow-down-in-register: with the server back, the same params again: {second.state.name} after {took:.0f} s")
+    second, took = timed_run("mlflow-down-in-register: with the server back, the same params again", 190)
     return {"run": first.state.name, "run_final_after_s": round(failed_after, 1), "run_says": says,
             "versions_before": before, "after_failure": after_failure, "retry_run": second.state.name,
             "retry_run_s": round(took, 1), **leftovers(team, checkout)}
@@ -209,11 +209,9 @@ def main() -> None:
         os.environ.update({k: v for k, v in team.credentials.client_env().items() if k.startswith("MLFLOW")})
         with temporary_settings({PREFECT_API_URL: team.urls()["PREFECT_API_URL"],
                                  PREFECT_API_AUTH_STRING: team.credentials.read()["prefect_auth_string"]}):
-            start = time.monotonic()
-            baseline = wait_final(trigger(60))  # also builds what every later run shares (data, base, DAPT)
+            baseline, took = timed_run("baseline run", 60)  # also builds what later runs share (data, base, DAPT)
             results["baseline_run" if not args.only else f"baseline_run_before_{'+'.join(args.only)}"] = {
-                "state": baseline.state.name, "s": round(time.monotonic() - start, 1)}
-            say(f"baseline run: {baseline.state.name} in {time.monotonic() - start:.1f} s")
+                "state": baseline.state.name, "s": round(took, 1)}
             for name, fault in [("sigkill-training", sigkill_training), ("postgres-restart", postgres_restart),
                                 ("mlflow-down-in-register", mlflow_down_in_register)]:
                 if args.only is None or name in args.only:
